@@ -40,17 +40,20 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = frozenset({1})
 
-FRAME_MESSAGE = 0x01
-FRAME_STREAM = 0x02
+FRAME_MESSAGE: Final = 0x01
+FRAME_STREAM: Final = 0x02
 MAX_FRAME = 16 * 1024 * 1024
 """Largest frame either side accepts; a bigger length prefix is a protocol error, not an allocation."""
+
+PROVIDERS = ("claude_code", "codex", "gemini_cli", "demo")
+"""Login providers every guest image of this protocol version knows (``browservm/guest/providers/``)."""
 
 _HEADER = struct.Struct(">IB")
 _STREAM_ID = struct.Struct(">I")
@@ -85,7 +88,7 @@ class ProxyConfig(_Model):
     """The egress proxy a guest must use for all its traffic (per-user proxies arrive with their issue)."""
 
     url: str
-    """``http://host:port`` or ``socks5://host:port``; credentials, if any, travel in ``username``/``password``."""
+    """``http://host:port`` or ``socks5://host:port``; credentials travel in ``username``/``password``."""
     username: str | None = None
     password: str | None = None
     bypass: list[str] = Field(default_factory=lambda: ["localhost", "127.0.0.1", "::1"])
@@ -130,11 +133,11 @@ class Hello(_Model):
 # ---------------------------------------------------------------------------------------------- requests
 
 
-class _Request(_Model):
+class RequestBase(_Model):
     id: int
 
 
-class Configure(_Request):
+class Configure(RequestBase):
     """Hand a browser sandbox its session. Starts the services and, when ``provider`` is set, the login."""
 
     type: Literal["configure"] = "configure"
@@ -150,16 +153,16 @@ class Configure(_Request):
     env: dict[str, str] = Field(default_factory=dict)
 
 
-class Status(_Request):
+class Status(RequestBase):
     type: Literal["status"] = "status"
 
 
-class OpenUrl(_Request):
+class OpenUrl(RequestBase):
     type: Literal["open_url"] = "open_url"
     url: str
 
 
-class Signal(_Request):
+class Signal(RequestBase):
     """A WebRTC signaling message for the streamer, from one viewer (``peer_id``).
 
     ``kind`` ``offer`` and ``answer`` carry ``sdp``; ``candidate`` carries ``candidate`` (the browser's
@@ -174,7 +177,7 @@ class Signal(_Request):
     candidate: dict[str, Any] | None = None
 
 
-class OpenStream(_Request):
+class OpenStream(RequestBase):
     """Open a byte stream to a service inside the guest; the reply carries ``{"stream_id": n}``."""
 
     type: Literal["open_stream"] = "open_stream"
@@ -188,14 +191,14 @@ class CloseStream(_Model):
     stream_id: int
 
 
-class WriteFiles(_Request):
+class WriteFiles(RequestBase):
     """Write files into the CLI user's home atomically (temp file + rename), owned by that user."""
 
     type: Literal["write_files"] = "write_files"
     files: list[FileBlob]
 
 
-class Exec(_Request):
+class Exec(RequestBase):
     """Run a command as the CLI user. Output arrives as :class:`ExecOutput` events, then :class:`ExecExit`.
 
     The reply comes at once with ``{"exec_id": ...}``.
@@ -209,7 +212,7 @@ class Exec(_Request):
     stdin_b64: str | None = None
 
 
-class CollectCredentials(_Request):
+class CollectCredentials(RequestBase):
     """Stop the login CLI (never log out) and hand over the credential files; the reply carries them.
 
     After this the agent deletes its copies: credentials are moved, never copied.
@@ -218,7 +221,7 @@ class CollectCredentials(_Request):
     type: Literal["collect_credentials"] = "collect_credentials"
 
 
-class Shutdown(_Request):
+class Shutdown(RequestBase):
     type: Literal["shutdown"] = "shutdown"
 
 
@@ -320,8 +323,17 @@ Message = Annotated[
 _MESSAGE: TypeAdapter[Message] = TypeAdapter(Message)
 
 REQUEST_TYPES = frozenset(
-    {"configure", "status", "open_url", "signal", "open_stream", "write_files", "exec",
-     "collect_credentials", "shutdown"}
+    {
+        "configure",
+        "status",
+        "open_url",
+        "signal",
+        "open_stream",
+        "write_files",
+        "exec",
+        "collect_credentials",
+        "shutdown",
+    }
 )
 
 
@@ -357,7 +369,13 @@ class UnknownMessage(ProtocolError):
 
 
 _KNOWN_TYPES = REQUEST_TYPES | {
-    "hello", "reply", "service_state", "login_state", "signal_event", "exec_output", "exec_exit",
+    "hello",
+    "reply",
+    "service_state",
+    "login_state",
+    "signal_event",
+    "exec_output",
+    "exec_exit",
     "close_stream",
 }
 

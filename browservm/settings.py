@@ -86,6 +86,12 @@ class Settings(BaseSettings):
     turn_ttl_s: int = Field(3600, ge=60)
     run_coturn: bool = False
     """``browservm serve`` starts a local coturn with ``turn_secret`` (development and tests)."""
+    viewer_frame_ancestors: str = "*"
+    """CSP ``frame-ancestors`` of the viewer page: who may embed it (``'self' https://app.example``)."""
+
+    # --- secrets
+    secret_key: str = ""
+    """Signs viewer tokens. Empty: generated once into ``state_dir/controller.key``. Replicas must share it."""
 
     # --- credentials
     vault_key_file: Path | None = None

@@ -92,9 +92,7 @@ class SandboxError(Exception):
 
 class SandboxBootTimeout(SandboxError):
     def __init__(self, sandbox_id: str, after_s: float, console_tail: str) -> None:
-        super().__init__(
-            sandbox_id, f"agent did not say hello within {after_s:.1f}s", detail=console_tail
-        )
+        super().__init__(sandbox_id, f"agent did not say hello within {after_s:.1f}s", detail=console_tail)
         self.after_s = after_s
 
 

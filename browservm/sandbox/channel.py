@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import itertools
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 from pydantic import BaseModel
@@ -127,11 +127,11 @@ class Channel:
     def next_id(self) -> int:
         return next(self._ids)
 
-    async def request(self, message: BaseModel, *, timeout_s: float = 30.0) -> dict[str, Any]:
+    async def request(self, message: protocol.RequestBase, *, timeout_s: float = 30.0) -> dict[str, Any]:
         """Send a request (its ``id`` must come from :meth:`next_id`) and return the reply's result."""
         if self.closed.is_set():
             raise ChannelClosed(self.sandbox_id)
-        request_id = getattr(message, "id")
+        request_id = message.id
         future: asyncio.Future[protocol.Reply] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
@@ -144,9 +144,9 @@ class Channel:
             raise AgentError(error.code, error.message)
         return reply.result
 
-    async def open_stream(self, target: str, *, timeout_s: float = 10.0) -> ByteStream:
+    async def open_stream(self, target: Literal["vnc"], *, timeout_s: float = 10.0) -> ByteStream:
         result = await self.request(
-            protocol.OpenStream(id=self.next_id(), target=target),  # type: ignore[arg-type]
+            protocol.OpenStream(id=self.next_id(), target=target),
             timeout_s=timeout_s,
         )
         stream = ByteStream(self, int(result["stream_id"]))
@@ -186,13 +186,14 @@ class Channel:
                 frame = await protocol.read_frame(self._reader)
                 if frame is None:
                     break
-                if frame[0] == protocol.FRAME_STREAM:
-                    stream_id, data = frame[1]
+                body = frame[1]
+                if isinstance(body, tuple):
+                    stream_id, data = body
                     stream = self._streams.get(stream_id)
                     if stream is not None:
                         stream._feed(data)
                     continue
-                self._dispatch(frame[1])
+                self._dispatch(body)
         except protocol.ProtocolError as exc:
             why = f"protocol error: {exc}"
             log.error("channel.protocol_error", sandbox_id=self.sandbox_id, error=str(exc))
