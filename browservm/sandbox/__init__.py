@@ -1,0 +1,17 @@
+"""Sandboxes: one interface (:mod:`browservm.sandbox.base`), several backends."""
+
+from __future__ import annotations
+
+from browservm.sandbox.base import SandboxBackend
+from browservm.settings import Settings, SettingsError
+
+
+def make_backend(settings: Settings) -> SandboxBackend:
+    if settings.backend == "process":
+        from browservm.sandbox.process import ProcessBackend
+
+        return ProcessBackend(settings.state_dir)
+    raise SettingsError(
+        f"BROWSERVM_BACKEND={settings.backend}: this backend is not built yet (it arrives with the microVM "
+        "issue); use BROWSERVM_BACKEND=process"
+    )

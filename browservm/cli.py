@@ -1,0 +1,264 @@
+"""``browservm``: run the controller and administer it from the command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from browservm import logs
+from browservm.settings import Settings, SettingsError, load_settings
+from browservm.store import api_keys
+from browservm.store import sessions as session_store
+from browservm.store.database import Database
+from browservm.store.models import Session
+from browservm.store.states import IllegalTransition, SessionStatus
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+keys_app = typer.Typer(no_args_is_help=True, help="Operator API keys.")
+sessions_app = typer.Typer(no_args_is_help=True, help="Inspect and cancel sessions.")
+app.add_typer(keys_app, name="keys")
+app.add_typer(sessions_app, name="sessions")
+
+T = TypeVar("T")
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+    except SettingsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _with_db(settings: Settings, work: Callable[[Database], Awaitable[T]]) -> T:
+    async def run() -> T:
+        db = Database(settings.effective_database_url)
+        try:
+            await db.migrate()
+            return await work(db)
+        finally:
+            await db.close()
+
+    try:
+        return asyncio.run(run())
+    except OSError as exc:
+        typer.echo(
+            f"error: cannot reach the database ({exc}); check BROWSERVM_DATABASE_URL or run 'browservm doctor'",
+            err=True,
+        )
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to bind (BROWSERVM_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (BROWSERVM_PORT)")] = None,
+) -> None:
+    """Run the controller. Creates an operator API key on first run and prints it once."""
+    import uvicorn
+
+    from browservm.controller.app import create_app
+
+    settings = _settings(host=host, port=port)
+    logs.configure(settings.log_level, json=settings.log_json)
+
+    async def first_key(db: Database) -> str | None:
+        async with db.session() as session:
+            if await api_keys.any_active(session):
+                return None
+            _key, secret = await api_keys.create(session, name="operator")
+            return secret
+
+    secret = _with_db(settings, first_key)
+    base = settings.effective_public_url
+    if secret:
+        typer.echo(f"Operator API key (shown once, keep it): {secret}")
+    typer.echo(f"Dashboard: {base}/   API: {base}/v1   OpenAPI: {base}/openapi.json")
+    sys.stdout.flush()
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+        ws_max_size=4 * 1024 * 1024,
+    )
+    uvicorn.Server(config).run()
+
+
+@app.command()
+def doctor() -> None:
+    """Check this host: KVM, QEMU, Chromium, Xvfb, coturn, the database, disk; say how to fix what is missing."""
+    from browservm import doctor as checks
+
+    settings = _settings()
+    results = checks.run(settings)
+    width = max(len(r.name) for r in results)
+    for result in results:
+        mark = "ok" if result.ok else "MISSING"
+        typer.echo(f"{result.name:<{width}}  {mark:<7}  {result.detail}")
+        if not result.ok and result.fix:
+            typer.echo(f"{'':<{width}}  {'':<7}  fix: {result.fix}")
+    raise typer.Exit(0 if all(r.ok for r in results) else 1)
+
+
+# ---------------------------------------------------------------------------------------------- keys
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="A label for the key")],
+    tenant: Annotated[str, typer.Option(help="Keys of one tenant see the same sessions")] = "default",
+) -> None:
+    """Create a key; prints the secret alone on stdout (shown once)."""
+    settings = _settings()
+
+    async def work(db: Database) -> str:
+        async with db.session() as session:
+            _key, secret = await api_keys.create(session, name=name, tenant=tenant)
+            return secret
+
+    typer.echo(_with_db(settings, work))
+
+
+@keys_app.command("list")
+def keys_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List keys (never their secrets)."""
+    settings = _settings()
+
+    async def work(db: Database) -> list[dict[str, Any]]:
+        async with db.session() as session:
+            return [
+                {
+                    "id": k.id,
+                    "name": k.name,
+                    "tenant": k.tenant,
+                    "prefix": k.prefix,
+                    "created_at": k.created_at.isoformat(),
+                    "last_used_at": k.last_used_at.isoformat() if k.last_used_at else None,
+                    "revoked": k.revoked_at is not None,
+                }
+                for k in await api_keys.all_keys(session)
+            ]
+
+    rows = _with_db(settings, work)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        state = "revoked" if row["revoked"] else "active"
+        typer.echo(f"{row['id']}  {row['prefix']}…  {row['name']}  tenant={row['tenant']}  {state}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key by id (see 'keys list'); requests with it get 401 at once."""
+    settings = _settings()
+
+    async def work(db: Database) -> bool:
+        async with db.session() as session:
+            return await api_keys.revoke(session, key_id)
+
+    if not _with_db(settings, work):
+        typer.echo(f"error: no active key {key_id!r}; see 'browservm keys list'", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"revoked {key_id}")
+
+
+# ---------------------------------------------------------------------------------------------- sessions
+
+
+def _session_row(s: Session) -> dict[str, Any]:
+    return {
+        "id": s.id,
+        "tenant": s.tenant,
+        "user_id": s.user_id,
+        "provider": s.provider,
+        "status": s.status,
+        "reason": s.reason,
+        "sandbox_id": s.sandbox_id,
+        "created_at": s.created_at.isoformat(),
+        "expires_at": s.expires_at.isoformat(),
+    }
+
+
+@sessions_app.command("list")
+def sessions_list(
+    user_id: Annotated[str | None, typer.Option()] = None,
+    status: Annotated[SessionStatus | None, typer.Option()] = None,
+    tenant: Annotated[str, typer.Option()] = "default",
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 50,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Newest first."""
+    settings = _settings()
+
+    async def work(db: Database) -> list[dict[str, Any]]:
+        async with db.session() as session:
+            rows, _ = await session_store.page(
+                session, tenant=tenant, user_id=user_id, status=status, limit=limit
+            )
+            return [_session_row(s) for s in rows]
+
+    rows = _with_db(settings, work)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        typer.echo(
+            f"{row['id']}  {row['status']:<13}  {row['provider']:<11}  {row['user_id']}  {row['created_at']}"
+        )
+
+
+@sessions_app.command("show")
+def sessions_show(session_id: str) -> None:
+    """One session as JSON."""
+    settings = _settings()
+
+    async def work(db: Database) -> dict[str, Any] | None:
+        async with db.session() as session:
+            found = await session_store.get(session, session_id)
+            return _session_row(found) if found else None
+
+    row = _with_db(settings, work)
+    if row is None:
+        typer.echo(f"error: no session {session_id!r}; see 'browservm sessions list'", err=True)
+        raise typer.Exit(1)
+    typer.echo(json.dumps(row, indent=2))
+
+
+@sessions_app.command("cancel")
+def sessions_cancel(session_id: str) -> None:
+    """Cancel a session; the running controller destroys its sandbox within one reconcile interval."""
+    settings = _settings()
+
+    async def work(db: Database) -> str:
+        async with db.session() as session:
+            try:
+                found = await session_store.transition(
+                    session, session_id, SessionStatus.CANCELLED, reason="cancelled from the command line"
+                )
+            except LookupError:
+                return f"error: no session {session_id!r}"
+            except IllegalTransition as exc:
+                return f"error: session is {exc.current} and can no longer be cancelled"
+            return f"cancelled {found.id}"
+
+    message = _with_db(settings, work)
+    typer.echo(message, err=message.startswith("error"))
+    if message.startswith("error"):
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

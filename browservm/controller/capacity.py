@@ -1,0 +1,71 @@
+"""Bounded admission: at most ``limit`` sandboxes run; past that sessions wait in order, or are refused.
+
+The old system fell over under dozens of leaked VMs. Here a session holds a slot from the moment its
+sandbox is created until it is destroyed, waiters are served first come first served, and a full
+queue is refused at the API with 503 and a reason, before anything is created.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+from browservm.controller.errors import ApiError
+
+
+class Capacity:
+    def __init__(self, limit: int, max_queued: int) -> None:
+        self.limit = limit
+        self.max_queued = max_queued
+        self.in_use = 0
+        self.promised = 0
+        """Sessions accepted by the API that do not hold a slot yet (queued or about to be)."""
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    def promise(self) -> None:
+        """Accept one more session, or refuse it with 503 when every slot and queue place is taken."""
+        if self.in_use + self.promised >= self.limit + self.max_queued:
+            raise ApiError(
+                503,
+                "capacity_exhausted",
+                f"this host runs {self.limit} sandboxes and {self.max_queued} sessions are already "
+                "waiting; retry later",
+                headers={"Retry-After": "10"},
+            )
+        self.promised += 1
+
+    def take(self) -> None:
+        """Count a slot that is already in use (a sandbox adopted after a restart)."""
+        self.in_use += 1
+
+    async def acquire(self, *, promised: bool = True) -> None:
+        """Wait for a slot, in arrival order. Cancelling the wait gives the place up."""
+        try:
+            if self.in_use < self.limit and not self._waiters:
+                self.in_use += 1
+                return
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self.release()  # the slot was handed over just as we gave up: pass it on
+                else:
+                    self._waiters.remove(waiter)
+                raise
+        finally:
+            if promised:
+                self.promised -= 1
+
+    def release(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes straight to the next in line
+                return
+        self.in_use = max(0, self.in_use - 1)

@@ -1,0 +1,136 @@
+"""Makes the database and the host agree, at start-up and then periodically.
+
+At start-up: every unfinished session is picked up again (its sandbox adopted if it still runs, the
+session failed with a reason if not); sandboxes that belong to no live session are destroyed; sandboxes
+the backend finds that the database does not know are destroyed too. Periodically: expired sessions
+are ended, leaked sandboxes destroyed, gauges refreshed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import UTC, datetime
+
+import structlog
+
+from browservm.controller.capacity import Capacity
+from browservm.controller.metrics import Metrics
+from browservm.controller.sandboxes import SandboxService
+from browservm.controller.sessions import SessionService
+from browservm.sandbox.base import Liveness, SandboxHandle
+from browservm.store import sandboxes as sandbox_store
+from browservm.store import sessions as session_store
+from browservm.store.database import Database
+from browservm.store.states import LIVE_SANDBOX, IllegalTransition, SandboxState, SessionStatus
+
+log = structlog.get_logger(__name__)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        db: Database,
+        sessions: SessionService,
+        sandboxes: SandboxService,
+        capacity: Capacity,
+        metrics: Metrics,
+        *,
+        interval_s: float,
+    ) -> None:
+        self.db = db
+        self.sessions = sessions
+        self.sandboxes = sandboxes
+        self.capacity = capacity
+        self.metrics = metrics
+        self.interval_s = interval_s
+
+    async def startup(self) -> None:
+        async with self.db.session() as db:
+            unfinished = {s.id: s for s in await session_store.unfinished(db)}
+            live = await sandbox_store.live(db)
+        for record in live:
+            owner = unfinished.get(record.session_id or "")
+            if record.role == "browser" and owner is None:
+                await self._destroy(record.id, "its session had ended when the controller started", "orphan")
+                continue
+            liveness = await self.sandboxes.probe(record)
+            if liveness is Liveness.GONE:
+                await self._forget(record.id)
+                continue
+            if record.state in LIVE_SANDBOX:
+                self.capacity.take()
+        known = [record.id for record in live]
+        for orphan in await self.sandboxes.backend.list_orphans(known):
+            log.warning("reconcile.unknown_sandbox", sandbox_id=orphan)
+            with contextlib.suppress(Exception):
+                await self.sandboxes.backend.destroy(
+                    SandboxHandle(
+                        sandbox_id=orphan, backend=self.sandboxes.backend.name, role="browser", runtime={}
+                    )
+                )
+            self.metrics.reconciles.labels("unknown_destroyed").inc()
+        for session in unfinished.values():
+            self.sessions.launch(session.id)
+            self.metrics.reconciles.labels("session_resumed").inc()
+        await self.refresh_gauges()
+        log.info("reconcile.startup", sessions=len(unfinished), sandboxes=len(live))
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.tick()
+            except Exception as exc:  # the loop must survive a bad pass; the next one retries
+                log.exception("reconcile.tick_failed", error=str(exc))
+
+    async def tick(self) -> None:
+        now = datetime.now(UTC)
+        async with self.db.session() as db:
+            unfinished = {s.id: s for s in await session_store.unfinished(db)}
+            live = await sandbox_store.live(db)
+        for session_id, task in list(self.sessions.tasks.items()):
+            if session_id not in unfinished:
+                # Ended elsewhere (the command line, another replica): stop driving it.
+                task.cancel()
+                self.metrics.reconciles.labels("flow_stopped").inc()
+        for session in unfinished.values():
+            if session.id in self.sessions.tasks:
+                continue
+            if session.expires_at <= now:
+                with contextlib.suppress(IllegalTransition):
+                    await self.sessions._end(session.id, SessionStatus.EXPIRED, "expired while not running")
+                self.metrics.reconciles.labels("session_expired").inc()
+            else:
+                self.sessions.launch(session.id)
+                self.metrics.reconciles.labels("session_resumed").inc()
+        for record in live:
+            if record.role != "browser" or record.session_id in unfinished:
+                continue
+            if record.state == SandboxState.CREATING and record.session_id in self.sessions.tasks:
+                continue
+            await self._destroy(record.id, "its session has ended", "leak_destroyed")
+        await self.refresh_gauges()
+
+    async def refresh_gauges(self) -> None:
+        async with self.db.session() as db:
+            session_counts = await session_store.count_by_status(db)
+            sandbox_counts = await sandbox_store.count_by_state(db)
+        self.metrics.set_counts(self.metrics.sessions, session_counts, [s.value for s in SessionStatus])
+        self.metrics.set_counts(self.metrics.sandboxes, sandbox_counts, [s.value for s in SandboxState])
+        self.metrics.queue.set(self.capacity.queued)
+
+    async def _destroy(self, sandbox_id: str, reason: str, action: str) -> None:
+        log.info("reconcile.destroy", sandbox_id=sandbox_id, reason=reason)
+        await self.sandboxes.destroy(sandbox_id, reason)
+        self.metrics.reconciles.labels(action).inc()
+
+    async def _forget(self, sandbox_id: str) -> None:
+        """The backend says it is gone: record that, so nothing waits on it."""
+        for state in (SandboxState.FAILED, SandboxState.DESTROYED):
+            with contextlib.suppress(IllegalTransition):
+                async with self.db.session() as db:
+                    await sandbox_store.transition(
+                        db, sandbox_id, state, reason="gone when the controller started"
+                    )
+        self.metrics.reconciles.labels("sandbox_gone").inc()

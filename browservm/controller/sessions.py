@@ -1,0 +1,393 @@
+"""The session flow: from ``pending`` to ``completed`` (or an ending with a reason), in the background.
+
+One task per live session drives it::
+
+    pending ─(capacity slot)─▶ starting ─(sandbox up, agent configured)─▶ awaiting_user
+        ─(credentials complete)─▶ capturing ─(sealed, stored, delivered)─▶ completed
+
+The task is restartable: after a controller restart it is launched again for every unfinished session
+and picks up from the stored state, reconnecting to the sandbox if it still runs (the agent replays its
+current state on connect). Whatever happens, the browser sandbox is destroyed when the session ends;
+only a controller shutdown leaves it running, for the next start to adopt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+import structlog
+from pydantic import BaseModel
+
+from browservm import protocol
+from browservm.controller.capacity import Capacity
+from browservm.controller.errors import ApiError, not_found
+from browservm.controller.metrics import Metrics
+from browservm.controller.notifier import Notifier
+from browservm.controller.sandboxes import SandboxService
+from browservm.sandbox.base import Liveness, SandboxError
+from browservm.sandbox.channel import AgentError, Channel, ChannelClosed
+from browservm.settings import Settings
+from browservm.store import credentials as credential_store
+from browservm.store import events as event_store
+from browservm.store import sessions as session_store
+from browservm.store.database import Database
+from browservm.store.models import Session
+from browservm.store.states import IllegalTransition, SessionStatus
+from browservm.vault import Vault
+
+log = structlog.get_logger(__name__)
+
+
+class SessionEnded(Exception):
+    """The session reached an ending (its status is already written); the flow stops."""
+
+
+class SessionService:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        sandboxes: SandboxService,
+        capacity: Capacity,
+        vault: Vault,
+        metrics: Metrics,
+        notifier: Notifier,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.sandboxes = sandboxes
+        self.capacity = capacity
+        self.vault = vault
+        self.metrics = metrics
+        self.notifier = notifier
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.session_channels: dict[str, Channel] = {}
+        self.deliver: DeliveryHook | None = None
+        self._stopping = False
+
+    # ------------------------------------------------------------------ API-facing
+
+    async def create(self, *, tenant: str, user_id: str, provider: str, options: dict[str, Any]) -> Session:
+        self.capacity.promise()
+        try:
+            async with self.db.session() as db:
+                session = await session_store.create(
+                    db,
+                    tenant=tenant,
+                    user_id=user_id,
+                    provider=provider,
+                    expires_at=datetime.now(UTC) + timedelta(seconds=self.settings.session_ttl_s),
+                    options=options,
+                )
+        except BaseException:
+            self.capacity.promised -= 1
+            raise
+        self.metrics.queue.set(self.capacity.queued)
+        self.launch(session.id, promised=True)
+        return session
+
+    async def cancel(self, session_id: str, tenant: str) -> Session:
+        async with self.db.session() as db:
+            session = await session_store.get(db, session_id, tenant=tenant)
+            if session is None:
+                raise not_found("session", session_id)
+            if SessionStatus(session.status).terminal:
+                raise ApiError(409, "session_ended", f"session {session_id} already ended ({session.status})")
+        try:
+            session = await self._transition(session_id, SessionStatus.CANCELLED, "cancelled by the operator")
+        except IllegalTransition as exc:
+            raise ApiError(
+                409,
+                "not_cancellable",
+                f"session {session_id} is {exc.current} and can no longer be cancelled",
+            ) from None
+        task = self.tasks.get(session_id)
+        if task is not None:
+            task.cancel()
+        return session
+
+    async def channel(self, session_id: str) -> Channel:
+        """The live channel of a session's browser sandbox (signaling, VNC bridge)."""
+        channel = self.session_channels.get(session_id)
+        if channel is None or channel.closed.is_set():
+            raise ApiError(
+                409, "no_sandbox", f"session {session_id} has no running browser (it is starting or ended)"
+            )
+        return channel
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def launch(self, session_id: str, *, promised: bool = False) -> None:
+        if session_id in self.tasks:
+            return
+        task = asyncio.create_task(self._run(session_id, promised=promised), name=f"session-{session_id}")
+        self.tasks[session_id] = task
+        task.add_done_callback(lambda _t: self.tasks.pop(session_id, None))
+
+    async def shutdown(self) -> None:
+        """Stop driving sessions but leave their sandboxes running: the next start adopts them."""
+        self._stopping = True
+        tasks = list(self.tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _run(self, session_id: str, *, promised: bool) -> None:
+        structlog.contextvars.bind_contextvars(session_id=session_id)
+        holds_slot = False
+        sandbox_id: str | None = None
+        try:
+            session = await self._load(session_id)
+            if session is None or SessionStatus(session.status).terminal:
+                if promised:
+                    self.capacity.promised -= 1
+                return
+            if session.status == SessionStatus.PENDING:
+                self.metrics.queue.set(self.capacity.queued + 1)
+                await self.capacity.acquire(promised=promised)
+                promised = False
+                holds_slot = True
+                self.metrics.queue.set(self.capacity.queued)
+                session = await self._transition(session_id, SessionStatus.STARTING)
+                channel, sandbox_id = await self._start_sandbox(session)
+            else:
+                # Adopting after a restart: the capacity slot was counted at start-up.
+                holds_slot = True
+                sandbox_id = session.sandbox_id
+                channel = await self._adopt(session)
+            self.session_channels[session_id] = channel
+            await self._follow(session, channel)
+        except SessionEnded:
+            pass
+        except asyncio.CancelledError:
+            if promised:
+                self.capacity.promised -= 1
+            if self._stopping:
+                holds_slot = False  # the sandbox stays up for adoption; so does its slot, in the next life
+                sandbox_id = None
+                return
+            raise
+        except Exception as exc:
+            log.exception("session.flow_error", error=str(exc))
+            with contextlib.suppress(IllegalTransition, LookupError):
+                await self._transition(session_id, SessionStatus.FAILED, _failure_reason(exc))
+        finally:
+            self.session_channels.pop(session_id, None)
+            if sandbox_id is None:
+                with contextlib.suppress(Exception):
+                    sandbox_id = (await self._load(session_id) or Session()).sandbox_id
+            if sandbox_id is not None and not self._stopping:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.sandboxes.destroy(sandbox_id, "session ended"))
+            if holds_slot:
+                self.capacity.release()
+            structlog.contextvars.unbind_contextvars("session_id")
+
+    async def _start_sandbox(self, session: Session) -> tuple[Channel, str]:
+        try:
+            handle, channel = await self.sandboxes.start(
+                role="browser", tenant=session.tenant, user_id=session.user_id, session_id=session.id
+            )
+        except (SandboxError, ChannelClosed, protocol.ProtocolError, OSError) as exc:
+            await self._end(
+                session.id, SessionStatus.FAILED, f"browser sandbox did not start: {_failure_reason(exc)}"
+            )
+            raise SessionEnded from exc
+        async with self.db.session() as db:
+            await session_store.update_fields(db, session.id, sandbox_id=handle.sandbox_id)
+        remaining = (session.expires_at - datetime.now(UTC)).total_seconds()
+        await channel.request(
+            protocol.Configure(
+                id=channel.next_id(),
+                session_id=session.id,
+                provider=session.provider,
+                provider_options=self._provider_options(session),
+                screen=protocol.ScreenConfig(
+                    width=self.settings.screen_width,
+                    height=self.settings.screen_height,
+                    fps=self.settings.screen_fps,
+                ),
+                stream=protocol.StreamConfig(codec=self.settings.codec),
+                login_timeout_s=max(1.0, remaining),
+            ),
+            timeout_s=60,
+        )
+        return channel, handle.sandbox_id
+
+    async def _adopt(self, session: Session) -> Channel:
+        if session.sandbox_id is None:
+            await self._end(session.id, SessionStatus.FAILED, "controller restarted before a sandbox existed")
+            raise SessionEnded
+        record = await self.sandboxes.get(session.sandbox_id)
+        if record is None or await self.sandboxes.probe(record) is not Liveness.ALIVE:
+            await self._end(
+                session.id, SessionStatus.FAILED, "browser sandbox was gone after a controller restart"
+            )
+            raise SessionEnded
+        try:
+            channel = await self.sandboxes.connect(self.sandboxes.handle_of(record))
+        except (SandboxError, ChannelClosed, protocol.ProtocolError, OSError) as exc:
+            await self._end(
+                session.id, SessionStatus.FAILED, f"could not reconnect to the browser sandbox: {exc}"
+            )
+            raise SessionEnded from exc
+        log.info("session.adopted", sandbox_id=record.id, status=session.status)
+        return channel
+
+    def _provider_options(self, session: Session) -> dict[str, str]:
+        options = {str(k): str(v) for k, v in (session.options or {}).items()}
+        if session.provider == "demo":
+            options.setdefault("issuer", f"{self.settings.effective_public_url}/demo/oauth")
+        return options
+
+    async def _follow(self, session: Session, channel: Channel) -> None:
+        session_id = session.id
+        async with channel.subscribe() as queue:
+            while True:
+                remaining = (session.expires_at - datetime.now(UTC)).total_seconds()
+                if remaining <= 0:
+                    await self._end(
+                        session_id,
+                        SessionStatus.EXPIRED,
+                        f"not completed within {self.settings.session_ttl_s:.0f}s",
+                    )
+                    return
+                try:
+                    message = await asyncio.wait_for(queue.get(), remaining)
+                except TimeoutError:
+                    continue
+                if message is None:
+                    await self._end(session_id, SessionStatus.FAILED, "browser sandbox stopped unexpectedly")
+                    return
+                session = await self._on_event(session, channel, message)
+                if SessionStatus(session.status).terminal:
+                    return
+
+    async def _on_event(self, session: Session, channel: Channel, message: BaseModel) -> Session:
+        if isinstance(message, protocol.ServiceState):
+            await self._append(session, "guest.service", message.model_dump(exclude={"type"}))
+            return session
+        if not isinstance(message, protocol.LoginState):
+            return session
+        status = SessionStatus(session.status)
+        if message.state == "awaiting_user" and status is SessionStatus.STARTING:
+            elapsed = (datetime.now(UTC) - session.created_at).total_seconds()
+            self.metrics.time_to_ready.observe(elapsed)
+            return await self._transition(session.id, SessionStatus.AWAITING_USER, login_url=message.url)
+        if message.state == "credentials_ready" and status in (
+            SessionStatus.STARTING,
+            SessionStatus.AWAITING_USER,
+            SessionStatus.CAPTURING,
+        ):
+            if status is not SessionStatus.CAPTURING:
+                session = await self._transition(session.id, SessionStatus.CAPTURING, account=message.account)
+            return await self._capture(session, channel, message.account)
+        if message.state == "failed":
+            return await self._end(session.id, SessionStatus.FAILED, f"login failed: {message.detail}")
+        if message.state == "expired":
+            return await self._end(session.id, SessionStatus.EXPIRED, message.detail or "login timed out")
+        return session
+
+    async def _capture(self, session: Session, channel: Channel, account: dict[str, str]) -> Session:
+        result = await channel.request(protocol.CollectCredentials(id=channel.next_id()), timeout_s=30)
+        files = [protocol.FileBlob.model_validate(f) for f in result.get("files", [])]
+        if not files:
+            return await self._end(session.id, SessionStatus.FAILED, "the login produced no credential files")
+        plaintext = json.dumps([f.model_dump() for f in files]).encode()
+        sealed = self.vault.seal(plaintext, user_id=session.user_id, provider=session.provider)
+        async with self.db.session() as db:
+            credential = await credential_store.add(
+                db,
+                tenant=session.tenant,
+                user_id=session.user_id,
+                provider=session.provider,
+                session_id=session.id,
+                account=dict(account),
+                key_id=sealed.key_id,
+                nonce=sealed.nonce,
+                ciphertext=sealed.ciphertext,
+            )
+            await event_store.append(
+                db,
+                kind="credentials.stored",
+                session_id=session.id,
+                tenant=session.tenant,
+                data={"credential_id": credential.id, "provider": session.provider, "account": dict(account)},
+            )
+        self.notifier.notify(session.id)
+        if self.deliver is not None:
+            try:
+                await self.deliver(session.tenant, session.user_id, credential.id, files, session.id)
+            except Exception as exc:  # stored safely; delivery is retried when the CLI VM is next ready
+                log.warning("session.delivery_failed", error=str(exc))
+                await self._append(session, "credentials.delivery_failed", {"reason": str(exc)})
+        del plaintext, files
+        started = session.created_at
+        session = await self._transition(session.id, SessionStatus.COMPLETED)
+        self.metrics.session_duration.labels("completed").observe(
+            (datetime.now(UTC) - started).total_seconds()
+        )
+        return session
+
+    # ------------------------------------------------------------------ store helpers
+
+    async def _load(self, session_id: str) -> Session | None:
+        async with self.db.session() as db:
+            return await session_store.get(db, session_id)
+
+    async def _transition(
+        self, session_id: str, target: SessionStatus, reason: str = "", **fields: Any
+    ) -> Session:
+        async with self.db.session() as db:
+            session = await session_store.transition(db, session_id, target, reason=reason, **fields)
+        self.notifier.notify(session_id)
+        return session
+
+    async def _end(self, session_id: str, target: SessionStatus, reason: str) -> Session:
+        """Write an ending; a session that already ended keeps its first ending."""
+        try:
+            session = await self._transition(session_id, target, reason)
+        except IllegalTransition:
+            found = await self._load(session_id)
+            assert found is not None
+            return found
+        self.metrics.session_duration.labels(target.value).observe(
+            (datetime.now(UTC) - session.created_at).total_seconds()
+        )
+        return session
+
+    async def _append(self, session: Session, kind: str, data: dict[str, Any]) -> None:
+        async with self.db.session() as db:
+            await event_store.append(
+                db,
+                kind=kind,
+                session_id=session.id,
+                tenant=session.tenant,
+                sandbox_id=session.sandbox_id,
+                data=data,
+            )
+        self.notifier.notify(session.id)
+
+
+class DeliveryHook(Protocol):
+    """Delivers a fresh credential set into the user's CLI sandbox (see ``cli_vms``)."""
+
+    async def __call__(
+        self, tenant: str, user_id: str, credential_id: str, files: list[protocol.FileBlob], session_id: str
+    ) -> None: ...
+
+
+def _failure_reason(exc: BaseException) -> str:
+    if isinstance(exc, SandboxError) and exc.detail:
+        return f"{exc} | {exc.detail[-1000:]}"
+    if isinstance(exc, AgentError):
+        return f"guest agent refused: {exc.code}: {exc.message}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def decode_files(plaintext: bytes) -> list[protocol.FileBlob]:
+    return [protocol.FileBlob.model_validate(item) for item in json.loads(plaintext)]
