@@ -10,11 +10,12 @@ from fastapi import FastAPI
 
 from browservm import __version__
 from browservm.controller import errors
-from browservm.controller.api import health, sessions
+from browservm.controller.api import health, ice, sessions, signaling, users, vnc
 from browservm.controller.metrics import LatencyMiddleware, Metrics
 from browservm.controller.services import Services
 from browservm.sandbox.base import SandboxBackend
 from browservm.settings import Settings
+from browservm.web import routes as web
 
 log = structlog.get_logger(__name__)
 
@@ -40,6 +41,11 @@ def create_app(settings: Settings, *, backend: SandboxBackend | None = None) -> 
     errors.install(app)
     app.include_router(health.router)
     app.include_router(sessions.router)
+    app.include_router(users.router)
+    app.include_router(ice.router)
+    app.include_router(signaling.router)
+    app.include_router(vnc.router)
+    web.mount(app)
     # Middlewares wrap outside-in: the body limit refuses before anything reads the body.
     app.add_middleware(LatencyMiddleware, metrics=metrics)
     app.add_middleware(errors.BodyLimit, limit=settings.max_body_bytes)

@@ -107,6 +107,8 @@ class Reconciler:
         for record in live:
             if record.role != "browser" or record.session_id in unfinished:
                 continue
+            if record.session_id in self.sessions.tasks:
+                continue  # its flow is ending it right now
             if record.state == SandboxState.CREATING and record.session_id in self.sessions.tasks:
                 continue
             await self._destroy(record.id, "its session has ended", "leak_destroyed")

@@ -6,6 +6,7 @@ fails, and :meth:`SandboxService.destroy` is safe to call for any record in any 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 
@@ -46,6 +47,7 @@ class SandboxService:
         self.notifier = notifier
         self.boot_timeout_s = boot_timeout_s
         self.channels: dict[str, Channel] = {}
+        self._destroy_locks: dict[str, asyncio.Lock] = {}
 
     async def start(
         self, *, role: Role, tenant: str, user_id: str, session_id: str | None = None
@@ -128,7 +130,16 @@ class SandboxService:
         return handle, channel
 
     async def destroy(self, sandbox_id: str, reason: str = "") -> None:
-        """Stop and free a sandbox. Safe for any state; never raises for a sandbox already gone."""
+        """Stop and free a sandbox. Safe for any state and from several callers at once."""
+        lock = self._destroy_locks.setdefault(sandbox_id, asyncio.Lock())
+        try:
+            async with lock:
+                await self._destroy(sandbox_id, reason)
+        finally:
+            if not lock.locked():
+                self._destroy_locks.pop(sandbox_id, None)
+
+    async def _destroy(self, sandbox_id: str, reason: str) -> None:
         record = await self.get(sandbox_id)
         if record is None or record.state == SandboxState.DESTROYED:
             return

@@ -10,6 +10,7 @@ import structlog
 
 from browservm.controller.auth import load_secret
 from browservm.controller.capacity import Capacity
+from browservm.controller.cli_vms import CliVmService
 from browservm.controller.metrics import Metrics
 from browservm.controller.notifier import Notifier
 from browservm.controller.reconciler import Reconciler
@@ -36,6 +37,7 @@ class Services:
     capacity: Capacity
     sandboxes: SandboxService
     sessions: SessionService
+    cli_vms: CliVmService
     reconciler: Reconciler
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -55,6 +57,8 @@ class Services:
             backend, db, metrics, notifier, boot_timeout_s=settings.sandbox_boot_timeout_s
         )
         sessions = SessionService(settings, db, sandboxes, capacity, vault, metrics, notifier)
+        cli_vms = CliVmService(db, sandboxes, capacity, vault, notifier)
+        sessions.deliver = cli_vms.deliver
         reconciler = Reconciler(
             db, sessions, sandboxes, capacity, metrics, interval_s=settings.reconcile_interval_s
         )
@@ -69,6 +73,7 @@ class Services:
             capacity=capacity,
             sandboxes=sandboxes,
             sessions=sessions,
+            cli_vms=cli_vms,
             reconciler=reconciler,
         )
         await reconciler.startup()

@@ -100,4 +100,4 @@ async def count_live(db: AsyncSession) -> int:
 
 async def count_by_state(db: AsyncSession) -> dict[str, int]:
     rows = await db.execute(select(Sandbox.state, func.count()).group_by(Sandbox.state))
-    return {state: count for state, count in rows.tuples()}
+    return {state: count for state, count in rows.all()}

@@ -169,4 +169,4 @@ async def count_by_status(db: AsyncSession) -> dict[str, int]:
     from sqlalchemy import func
 
     rows = await db.execute(select(Session.status, func.count()).group_by(Session.status))
-    return {status: count for status, count in rows.tuples()}
+    return {status: count for status, count in rows.all()}
