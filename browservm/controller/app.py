@@ -39,6 +39,7 @@ def create_app(settings: Settings, *, backend: SandboxBackend | None = None) -> 
         lifespan=lifespan,
     )
     errors.install(app)
+    errors.document(app)
     app.include_router(health.router)
     app.include_router(sessions.router)
     app.include_router(users.router)

@@ -2,7 +2,7 @@
 
 The old system fell over under dozens of leaked VMs. Here a session holds a slot from the moment its
 sandbox is created until it is destroyed, waiters are served first come first served, and a full
-queue is refused at the API with 503 and a reason, before anything is created.
+queue is refused at the API with 429 and a reason, before anything is created.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ class Capacity:
         return len(self._waiters)
 
     def promise(self) -> None:
-        """Accept one more session, or refuse it with 503 when every slot and queue place is taken."""
+        """Accept one more session, or refuse it with 429 when every slot and queue place is taken."""
         if self.in_use + self.promised >= self.limit + self.max_queued:
             raise ApiError(
-                503,
+                429,
                 "capacity_exhausted",
                 f"this host runs {self.limit} sandboxes and {self.max_queued} sessions are already "
                 "waiting; retry later",

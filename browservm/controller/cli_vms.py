@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -79,7 +80,7 @@ class CliVmService:
                 raise ApiError(409, "cli_vm_exists", f"user {user_id!r} already has a CLI VM")
             if self.capacity.in_use >= self.capacity.limit:
                 raise ApiError(
-                    503,
+                    429,
                     "capacity_exhausted",
                     "no sandbox capacity left on this host; retry later",
                     headers={"Retry-After": "10"},
@@ -125,7 +126,7 @@ class CliVmService:
                 raise ApiError(409, "not_hibernated", f"the CLI VM of {user_id!r} is running")
             if self.capacity.in_use >= self.capacity.limit:
                 raise ApiError(
-                    503,
+                    429,
                     "capacity_exhausted",
                     "no sandbox capacity left on this host; retry later",
                     headers={"Retry-After": "10"},
@@ -151,18 +152,34 @@ class CliVmService:
     async def exec(
         self, tenant: str, user_id: str, argv: list[str], env: dict[str, str], timeout_s: float
     ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-        """Run a command in the CLI VM; yields ``("output", …)`` chunks, then one ``("exit", …)``."""
+        """Start a command in the CLI VM, then stream it: ``("output", …)`` chunks and one ``("exit", …)``.
+
+        Starting happens before this returns, so a refused command is a 4xx, not a broken stream.
+        """
         channel = await self.channel(tenant, user_id)
-        async with channel.subscribe() as queue:
-            try:
-                result = await channel.request(
-                    protocol.Exec(id=channel.next_id(), argv=argv, env=env, timeout_s=timeout_s)
-                )
-            except AgentError as exc:
-                raise ApiError(422, exc.code, exc.message) from None
-            exec_id = str(result["exec_id"])
+        subscription = channel.subscribe()
+        queue = await subscription.__aenter__()
+        try:
+            result = await channel.request(
+                protocol.Exec(id=channel.next_id(), argv=argv, env=env, timeout_s=timeout_s)
+            )
+        except AgentError as exc:
+            await subscription.__aexit__(None, None, None)
+            raise ApiError(422, exc.code, exc.message) from None
+        except (ChannelClosed, TimeoutError) as exc:
+            await subscription.__aexit__(None, None, None)
+            raise ApiError(502, "sandbox_unreachable", f"the CLI VM did not answer: {exc}") from None
+        return self._exec_events(subscription, queue, str(result["exec_id"]))
+
+    async def _exec_events(
+        self,
+        subscription: contextlib.AbstractAsyncContextManager[Any],
+        queue: asyncio.Queue[BaseModel | None],
+        exec_id: str,
+    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        try:
             while True:
-                message: BaseModel | None = await queue.get()
+                message = await queue.get()
                 if message is None:
                     yield "error", {"message": "the CLI VM's channel closed"}
                     return
@@ -172,6 +189,8 @@ class CliVmService:
                 elif isinstance(message, protocol.ExecExit) and message.exec_id == exec_id:
                     yield "exit", {"exit_code": message.exit_code, "timed_out": message.timed_out}
                     return
+        finally:
+            await subscription.__aexit__(None, None, None)
 
     # ------------------------------------------------------------------ delivery
 

@@ -48,6 +48,59 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts)
 
 
+COMMON = {
+    "400": "Malformed request (e.g. invalid JSON, bad cursor)",
+    "401": "Missing, invalid or expired credentials",
+    "403": "Credentials valid but not for this resource",
+    "404": "No such resource for these credentials",
+    "409": "The resource is not in a state that allows this",
+    "413": "Request body too large",
+    "415": "Unsupported content type",
+    "422": "A field is invalid; the message names it",
+    "429": "Host at capacity; retry after the Retry-After delay",
+}
+
+
+def document(app: FastAPI) -> None:
+    """Put the uniform error body in the OpenAPI document, for every status any route can answer with.
+
+    FastAPI documents only 422 (with its own body shape, which this API does not use); clients and
+    contract tests need the shape and the codes as they really are.
+    """
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components["Error"] = {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "required": ["code", "message"],
+                    "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+                }
+            },
+        }
+        components.pop("HTTPValidationError", None)
+        components.pop("ValidationError", None)
+        error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                responses = operation.setdefault("responses", {})
+                for status, description in COMMON.items():
+                    entry = responses.setdefault(status, {"description": description})
+                    entry["content"] = error
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:

@@ -13,7 +13,7 @@ import pytest
 
 from tests.controller.conftest import controller_settings, run_controller
 
-EXAMPLES = int(os.environ.get("BROWSERVM_FUZZ_EXAMPLES", "60"))
+EXAMPLES = int(os.environ.get("BROWSERVM_FUZZ_EXAMPLES", "100"))
 
 
 @pytest.mark.slow

@@ -137,7 +137,7 @@ async def test_capacity_is_bounded_and_overflow_is_refused_with_a_reason(tmp_pat
         first = (await client.post("/v1/sessions", json={"user_id": "a", "provider": "demo"})).json()
         second = (await client.post("/v1/sessions", json={"user_id": "b", "provider": "demo"})).json()
         refused = await client.post("/v1/sessions", json={"user_id": "c", "provider": "demo"})
-        assert refused.status_code == 503
+        assert refused.status_code == 429
         assert refused.json()["error"]["code"] == "capacity_exhausted"
         assert refused.headers["retry-after"]
 

@@ -88,7 +88,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 @router.post(
-    "", status_code=201, response_model=SessionOut, responses={**ERRORS, 503: {"description": "Full"}}
+    "", status_code=201, response_model=SessionOut, responses={**ERRORS, 429: {"description": "Full"}}
 )
 async def create_session(body: SessionCreate, principal: PrincipalDep, services: ServicesDep) -> SessionOut:
     """Start a session. Answers at once (``pending``); the sandbox and login start in the background."""

@@ -63,7 +63,7 @@ def _cli_vm_out(row: CliVm, sandbox: Sandbox) -> CliVmOut:
     "/cli-vm",
     status_code=201,
     response_model=CliVmOut,
-    responses={**ERRORS, 409: {"description": "Exists"}, 503: {"description": "Full"}},
+    responses={**ERRORS, 409: {"description": "Exists"}, 429: {"description": "Full"}},
 )
 async def create_cli_vm(user_id: UserId, principal: PrincipalDep, services: ServicesDep) -> CliVmOut:
     """Create the user's persistent CLI sandbox; stored credentials are delivered into it at once."""
@@ -105,8 +105,7 @@ async def exec_in_cli_vm(
     user_id: UserId, body: ExecRequest, principal: PrincipalDep, services: ServicesDep
 ) -> EventSourceResponse:
     """Run a command as the CLI user. Server-Sent Events: ``output`` {stream, data}…, then ``exit`` {exit_code}."""
-    await services.cli_vms.require(principal.tenant, user_id)
-    stream = services.cli_vms.exec(principal.tenant, user_id, list(body.argv), dict(body.env), body.timeout_s)
+    stream = await services.cli_vms.exec(principal.tenant, user_id, list(body.argv), dict(body.env), body.timeout_s)
 
     async def events() -> AsyncIterator[ServerSentEvent]:
         async for kind, data in stream:
