@@ -101,11 +101,11 @@ def doctor() -> None:
     results = checks.run(settings)
     width = max(len(r.name) for r in results)
     for result in results:
-        mark = "ok" if result.ok else "MISSING"
+        mark = "ok" if result.ok else "MISSING" if result.required else "note"
         typer.echo(f"{result.name:<{width}}  {mark:<7}  {result.detail}")
         if not result.ok and result.fix:
             typer.echo(f"{'':<{width}}  {'':<7}  fix: {result.fix}")
-    raise typer.Exit(0 if all(r.ok for r in results) else 1)
+    raise typer.Exit(1 if checks.failures(results) else 0)
 
 
 # ---------------------------------------------------------------------------------------------- keys

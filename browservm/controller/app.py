@@ -47,6 +47,11 @@ def create_app(settings: Settings, *, backend: SandboxBackend | None = None) -> 
     app.include_router(signaling.router)
     app.include_router(vnc.router)
     web.mount(app)
+    if settings.demo_oauth:
+        # The local authorization server the demo provider signs in against (demos and tests).
+        from browservm.demo.oauth import create_app as create_demo_oauth
+
+        app.mount("/demo/oauth", create_demo_oauth(f"{settings.effective_public_url}/demo/oauth"))
     # Middlewares wrap outside-in: the body limit refuses before anything reads the body.
     app.add_middleware(LatencyMiddleware, metrics=metrics)
     app.add_middleware(errors.BodyLimit, limit=settings.max_body_bytes)

@@ -90,7 +90,7 @@ class Reconciler:
             unfinished = {s.id: s for s in await session_store.unfinished(db)}
             live = await sandbox_store.live(db)
         for session_id, task in list(self.sessions.tasks.items()):
-            if session_id not in unfinished:
+            if session_id not in unfinished and not task.cancelling():
                 # Ended elsewhere (the command line, another replica): stop driving it.
                 task.cancel()
                 self.metrics.reconciles.labels("flow_stopped").inc()

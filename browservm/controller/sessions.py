@@ -177,14 +177,17 @@ class SessionService:
                 await self._transition(session_id, SessionStatus.FAILED, _failure_reason(exc))
         finally:
             self.session_channels.pop(session_id, None)
-            if sandbox_id is None:
-                with contextlib.suppress(Exception):
-                    sandbox_id = (await self._load(session_id) or Session()).sandbox_id
-            if sandbox_id is not None and not self._stopping:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(self.sandboxes.destroy(sandbox_id, "session ended"))
-            if holds_slot:
-                self.capacity.release()
+            try:
+                if sandbox_id is None and not self._stopping:
+                    with contextlib.suppress(Exception):
+                        sandbox_id = (await self._load(session_id) or Session()).sandbox_id
+                if sandbox_id is not None and not self._stopping:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(self.sandboxes.destroy(sandbox_id, "session ended"))
+            finally:
+                # Released even if a second cancellation interrupts the clean-up above.
+                if holds_slot:
+                    self.capacity.release()
             structlog.contextvars.unbind_contextvars("session_id")
 
     async def _start_sandbox(self, session: Session) -> tuple[Channel, str]:
