@@ -20,7 +20,9 @@ def _postgres_param() -> object:
         return pytest.param("postgres", marks=pytest.mark.postgres)
     return pytest.param(
         "postgres",
-        marks=pytest.mark.skip(reason="set BROWSERVM_TEST_POSTGRES_URL (scripts/test.sh does) to run on PostgreSQL"),
+        marks=pytest.mark.skip(
+            reason="set BROWSERVM_TEST_POSTGRES_URL (scripts/test.sh does) to run on PostgreSQL"
+        ),
     )
 
 

@@ -82,7 +82,9 @@ async def run_controller(settings: Settings) -> AsyncIterator[Controller]:
         _key, secret = await api_keys.create(s, name="test")
     await db.close()
     server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=settings.port, log_config=None, lifespan="on")
+        uvicorn.Config(
+            create_app(settings), host="127.0.0.1", port=settings.port, log_config=None, lifespan="on"
+        )
     )
     task = asyncio.create_task(server.serve())
     while not server.started:
@@ -100,7 +102,9 @@ async def run_controller(settings: Settings) -> AsyncIterator[Controller]:
         # A stopping controller leaves sandboxes running for the next one to adopt; tests clean up.
         backend = ProcessBackend(settings.state_dir)
         for orphan in await backend.list_orphans([]):
-            await backend.destroy(SandboxHandle(sandbox_id=orphan, backend=backend.name, role="browser", runtime={}))
+            await backend.destroy(
+                SandboxHandle(sandbox_id=orphan, backend=backend.name, role="browser", runtime={})
+            )
         shutil.rmtree(settings.state_dir, ignore_errors=True)
 
 

@@ -39,7 +39,9 @@ async def _cdp_page(profile: Path, url_part: str, timeout_s: float = 30) -> str:
 
 async def _evaluate(ws_url: str, expression: str) -> Any:
     async with websockets.connect(ws_url, max_size=None) as ws:
-        await ws.send(json.dumps({"id": 1, "method": "Runtime.evaluate", "params": {"expression": expression}}))
+        await ws.send(
+            json.dumps({"id": 1, "method": "Runtime.evaluate", "params": {"expression": expression}})
+        )
         while True:
             reply = json.loads(await ws.recv())
             if reply.get("id") == 1:

@@ -80,7 +80,9 @@ def serve(tmp_path: Path, database_url: str) -> Iterator[ServeProcess]:
 
 
 def _key(env: dict[str, str]) -> str:
-    out = subprocess.run([str(BIN), "keys", "create", "--name", "test"], env=env, capture_output=True, check=True)
+    out = subprocess.run(
+        [str(BIN), "keys", "create", "--name", "test"], env=env, capture_output=True, check=True
+    )
     return out.stdout.decode().strip()
 
 
@@ -149,4 +151,3 @@ def _sandbox_of(serve: ServeProcess, session_id: str) -> str:
     sandbox_id = json.loads(out)["sandbox_id"]
     assert sandbox_id, f"session {session_id} has no sandbox yet"
     return str(sandbox_id)
-

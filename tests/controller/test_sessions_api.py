@@ -123,14 +123,18 @@ async def test_sessions_are_scoped_to_the_tenant_and_paginated(controller: Contr
     assert {s["user_id"] for s in mine["data"]} == {"u1"} and len(mine["data"]) == 2
 
     other_key = await controller.new_key(tenant="someone-else")
-    async with httpx.AsyncClient(base_url=controller.url, headers={"Authorization": f"Bearer {other_key}"}) as other:
+    async with httpx.AsyncClient(
+        base_url=controller.url, headers={"Authorization": f"Bearer {other_key}"}
+    ) as other:
         assert (await other.get("/v1/sessions")).json()["data"] == []
         stolen = await other.get(f"/v1/sessions/{ids[0]}")
         assert stolen.status_code == 404
         assert (await other.post(f"/v1/sessions/{ids[0]}/cancel")).status_code == 404
 
 
-async def test_capacity_is_bounded_and_overflow_is_refused_with_a_reason(tmp_path: Path, database_url: str) -> None:
+async def test_capacity_is_bounded_and_overflow_is_refused_with_a_reason(
+    tmp_path: Path, database_url: str
+) -> None:
     settings = controller_settings(tmp_path, database_url, max_sandboxes=1, max_queued_sessions=1)
     async for controller in run_controller(settings):
         client = controller.client
@@ -161,4 +165,7 @@ async def test_health_readiness_and_metrics(controller: Controller) -> None:
         metrics = (await anonymous.get("/metrics")).text
     assert 'browservm_sessions{status="pending"}' in metrics
     assert "browservm_sandboxes" in metrics
-    assert 'browservm_http_request_duration_seconds_count{method="GET",route="/v1/sessions",status="2xx"}' in metrics
+    assert (
+        'browservm_http_request_duration_seconds_count{method="GET",route="/v1/sessions",status="2xx"}'
+        in metrics
+    )

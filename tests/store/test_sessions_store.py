@@ -12,7 +12,11 @@ from browservm.store.states import IllegalTransition, SessionStatus
 async def _new(db: Database, user: str = "u1", tenant: str = "t1") -> str:
     async with db.session() as s:
         created = await sessions.create(
-            s, tenant=tenant, user_id=user, provider="demo", expires_at=datetime.now(UTC) + timedelta(minutes=5)
+            s,
+            tenant=tenant,
+            user_id=user,
+            provider="demo",
+            expires_at=datetime.now(UTC) + timedelta(minutes=5),
         )
         return created.id
 
@@ -36,7 +40,13 @@ async def test_legal_path_records_every_step_as_an_event(database: Database) -> 
         found = await sessions.get(s, session_id)
         log = await events.for_session(s, session_id)
     assert found is not None and found.status == "completed" and found.ended_at is not None
-    assert [e.data["status"] for e in log] == ["pending", "starting", "awaiting_user", "capturing", "completed"]
+    assert [e.data["status"] for e in log] == [
+        "pending",
+        "starting",
+        "awaiting_user",
+        "capturing",
+        "completed",
+    ]
     assert [e.id for e in log] == sorted(e.id for e in log)
 
 

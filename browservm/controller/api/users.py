@@ -105,7 +105,9 @@ async def exec_in_cli_vm(
     user_id: UserId, body: ExecRequest, principal: PrincipalDep, services: ServicesDep
 ) -> EventSourceResponse:
     """Run a command as the CLI user. Server-Sent Events: ``output`` {stream, data}…, then ``exit`` {exit_code}."""
-    stream = await services.cli_vms.exec(principal.tenant, user_id, list(body.argv), dict(body.env), body.timeout_s)
+    stream = await services.cli_vms.exec(
+        principal.tenant, user_id, list(body.argv), dict(body.env), body.timeout_s
+    )
 
     async def events() -> AsyncIterator[ServerSentEvent]:
         async for kind, data in stream:
