@@ -172,6 +172,31 @@ class Coturn:
         self._binary = binary
         self._process: asyncio.subprocess.Process | None = None
 
+    @classmethod
+    def from_settings(cls, settings: Settings, *, work_dir: Path | None = None) -> Coturn:
+        """The coturn ``browservm serve`` runs when ``run_coturn`` is set: it listens where the first
+        ``turn:`` URL of ``turn_urls`` points (default ``127.0.0.1:3478``) with ``turn_secret``."""
+        if not settings.turn_secret:
+            raise CoturnError(
+                "BROWSERVM_RUN_COTURN needs BROWSERVM_TURN_SECRET (coturn's static-auth-secret)"
+            )
+        host, port = "127.0.0.1", 3478
+        for url in settings.turn_urls:
+            if url.startswith("turn:"):
+                address = url.removeprefix("turn:").split("?", 1)[0]
+                host, _, port_text = address.rpartition(":")
+                if not host:
+                    host, port_text = address, "3478"
+                port = int(port_text)
+                break
+        return cls(
+            secret=settings.turn_secret,
+            listening_ip=host,
+            port=port,
+            allow_loopback_peers=host.startswith("127."),
+            work_dir=work_dir,
+        )
+
     @property
     def urls(self) -> list[str]:
         if self.port is None:

@@ -1,0 +1,286 @@
+"""The guest's screen: an Xvfb display and a kiosk Chromium on it, driven over DevTools.
+
+Xvfb writes its display number to ``-displayfd`` once it accepts clients: that is its readiness signal.
+It listens on neither TCP nor the abstract unix socket (``-nolisten local``, checked on Xvfb 21.1.7), only
+on ``/tmp/.X11-unix/X<n>``, and under bubblewrap each sandbox has a private ``/tmp``.
+
+The display number is not left to Xvfb. Abstract unix sockets belong to the *network* namespace, which
+sandboxes still share with the host, and Xlib tries ``@/tmp/.X11-unix/X<n>`` before the file: with
+every sandbox on ``:0``, its Chromium and x11vnc would reach any other X server on the host that listens
+on the abstract ``:0`` (seen here: x11vnc's MIT-SHM attach refused, Chromium dying with a stranger's
+display). So each sandbox picks a random number no socket in this network namespace uses, and keeps it
+across Xvfb restarts (the login CLI's ``DISPLAY`` stays valid). A network namespace per sandbox (a later
+issue) makes this moot.
+
+Chromium runs full screen with the flags this project mandates and ``--remote-debugging-port=0``; the port
+it picked is read from ``DevToolsActivePort`` in its profile, and it is ready once ``/json/version``
+answers there. :meth:`ChromiumService.open_url` navigates the page target over the DevTools protocol and
+remembers the URL, so a Chromium that crashed and was restarted comes back on the same page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import websockets.asyncio.client
+
+from browservm import protocol
+from browservm.guest.supervisor import Service, ServiceLog, ServiceNotReady, ServiceUnavailable, spawn
+
+MANDATORY_CHROMIUM_FLAGS = (
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
+"""Every Chromium this project starts runs with these (see the project rules)."""
+
+CHROMIUM_CANDIDATES = ("/usr/lib/chromium/chromium", "/usr/bin/chromium", "chromium")
+# The wrapper /usr/bin/chromium runs a shell memory check first; the real binary starts faster and its
+# pid is the browser's own, so a kill of that pid is a kill of the browser.
+
+POLL_S = 0.05
+
+
+def find_chromium() -> str | None:
+    for candidate in CHROMIUM_CANDIDATES:
+        found = shutil.which(candidate)
+        if found:
+            return found
+    return None
+
+
+def _devtools_port(port_file: Path) -> int | None:
+    try:
+        first = port_file.read_text().split()
+    except FileNotFoundError:
+        return None
+    return int(first[0]) if first and first[0].isdigit() else None
+
+
+DISPLAY_RANGE = (1000, 30000)
+
+
+def pick_display_number() -> int:
+    """A display number no X socket in this network namespace (abstract or file) nor lock file uses."""
+    taken: set[int] = set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/net/unix").read_text(errors="replace").splitlines():
+            _, _, name = line.rpartition(" ")
+            if "/.X11-unix/X" in name:
+                suffix = name.rsplit("X", 1)[1]
+                if suffix.isdigit():
+                    taken.add(int(suffix))
+    while True:
+        number = secrets.randbelow(DISPLAY_RANGE[1] - DISPLAY_RANGE[0]) + DISPLAY_RANGE[0]
+        if number not in taken and not Path(f"/tmp/.X{number}-lock").exists():  # noqa: S108 - X's own path
+            return number
+
+
+class XvfbService(Service):
+    name = "xvfb"
+    ready_timeout_s = 15.0
+
+    def __init__(self, screen: protocol.ScreenConfig, env: Mapping[str, str]) -> None:
+        self.screen = screen
+        self.env = dict(env)
+        self.number = pick_display_number()
+        self.display: str | None = None
+        """``:N`` while Xvfb is ready, else ``None``."""
+        self._read_fd: int | None = None
+
+    async def start(self, log_to: ServiceLog) -> asyncio.subprocess.Process:
+        read_fd, write_fd = os.pipe()
+        try:
+            process = await spawn(
+                [
+                    "Xvfb",
+                    f":{self.number}",
+                    "-screen",
+                    "0",
+                    f"{self.screen.width}x{self.screen.height}x24",
+                    "-nolisten",
+                    "tcp",
+                    "-nolisten",
+                    "local",
+                    "-displayfd",
+                    str(write_fd),
+                ],
+                env=self.env,
+                log_to=log_to,
+                pass_fds=(write_fd,),
+            )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        self._read_fd = read_fd
+        return process
+
+    async def wait_ready(self, process: asyncio.subprocess.Process) -> None:
+        assert self._read_fd is not None
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(self._read_fd, "rb", 0)
+        )
+        self._read_fd = None
+        try:
+            line = await reader.readline()
+        finally:
+            transport.close()
+        number = line.strip().decode(errors="replace")
+        if not number.isdigit():
+            raise ServiceNotReady(f"Xvfb closed -displayfd without a display number ({line!r})")
+        self.display = f":{number}"
+
+    async def exited(self) -> None:
+        self.display = None
+        if self._read_fd is not None:
+            os.close(self._read_fd)
+            self._read_fd = None
+
+
+class ChromiumService(Service):
+    name = "chromium"
+    requires = ("xvfb",)
+    ready_timeout_s = 30.0
+
+    def __init__(
+        self,
+        xvfb: XvfbService,
+        screen: protocol.ScreenConfig,
+        profile_dir: Path,
+        env: Mapping[str, str],
+        proxy: protocol.ProxyConfig | None = None,
+        url: str | None = None,
+    ) -> None:
+        self.xvfb = xvfb
+        self.screen = screen
+        self.profile_dir = profile_dir
+        self.env = dict(env)
+        self.proxy = proxy
+        self.url = url or "about:blank"
+        """The page Chromium shows; reopened after a restart."""
+        self.devtools_port: int | None = None
+        self._launched_url = self.url
+        self._ids = itertools.count(1)
+
+    def argv(self, binary: str) -> list[str]:
+        argv = [
+            binary,
+            *MANDATORY_CHROMIUM_FLAGS,
+            f"--user-data-dir={self.profile_dir}",
+            "--remote-debugging-address=127.0.0.1",
+            "--remote-debugging-port=0",
+            "--kiosk",
+            "--start-fullscreen",
+            "--window-position=0,0",
+            f"--window-size={self.screen.width},{self.screen.height}",
+            "--noerrdialogs",
+            "--disable-infobars",
+            "--disable-default-apps",
+            "--password-store=basic",
+            "--disable-features=Translate,MediaRouter",
+        ]
+        if self.proxy is not None:
+            # Proxy credentials cannot go on the command line; they need a DevTools auth handler (not
+            # built yet), so a proxy that asks for them will show its 407 page.
+            argv.append(f"--proxy-server={self.proxy.url}")
+            argv.append(f"--proxy-bypass-list={';'.join(self.proxy.bypass)}")
+        argv.append(self.url)
+        return argv
+
+    async def start(self, log_to: ServiceLog) -> asyncio.subprocess.Process:
+        binary = find_chromium()
+        if binary is None:
+            raise ServiceUnavailable(f"no Chromium found (looked for {', '.join(CHROMIUM_CANDIDATES)})")
+        if self.xvfb.display is None:
+            raise ServiceNotReady("the display went away before Chromium could start")
+        self.profile_dir.mkdir(parents=True, exist_ok=True)
+        # The profile is kept across restarts (the user's half-done sign-in survives a crash), but the
+        # port file and the locks of the dead browser must go, or we would read a stale port.
+        for stale in ("DevToolsActivePort", "SingletonLock", "SingletonSocket", "SingletonCookie"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.profile_dir / stale).unlink()
+        env = {**self.env, "DISPLAY": self.xvfb.display}
+        self._launched_url = self.url
+        return await spawn(self.argv(binary), env=env, log_to=log_to)
+
+    async def wait_ready(self, process: asyncio.subprocess.Process) -> None:
+        port_file = self.profile_dir / "DevToolsActivePort"
+        # Chromium writes this file once its DevTools server listens; there is no other signal to wait
+        # on without a pipe protocol, so poll it briefly.
+        while True:
+            port = _devtools_port(port_file)
+            if port is not None:
+                break
+            await asyncio.sleep(POLL_S)
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            while True:
+                try:
+                    response = await client.get(f"http://127.0.0.1:{port}/json/version")
+                    if response.status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(POLL_S)
+        self.devtools_port = port
+        if self.url != self._launched_url:
+            # open_url arrived while this Chromium was starting: show that page, not the launch one.
+            await self.open_url(self.url)
+
+    async def exited(self) -> None:
+        self.devtools_port = None
+
+    async def open_url(self, url: str) -> None:
+        """Show ``url``; if Chromium is down now, it opens there when it comes back."""
+        self.url = url
+        if self.devtools_port is None:
+            return
+        target = await self._page_target()
+        await self._call(target, "Page.navigate", {"url": url})
+
+    async def current_url(self) -> str:
+        """The URL of the page target, as DevTools reports it."""
+        return str((await self._page_target())["url"])
+
+    async def _page_target(self) -> dict[str, Any]:
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            response = await client.get(f"http://127.0.0.1:{self.devtools_port}/json/list")
+        pages = [t for t in response.json() if t.get("type") == "page"]
+        if not pages:
+            raise RuntimeError("Chromium has no page target to navigate (did the kiosk window close?)")
+        page: dict[str, Any] = pages[0]
+        return page
+
+    async def _call(self, target: dict[str, Any], method: str, params: dict[str, Any]) -> dict[str, Any]:
+        call_id = next(self._ids)
+        async with websockets.asyncio.client.connect(
+            target["webSocketDebuggerUrl"], max_size=None, open_timeout=5
+        ) as ws:
+            await ws.send(json.dumps({"id": call_id, "method": method, "params": params}))
+            while True:
+                message = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                if message.get("id") == call_id:
+                    break
+        if "error" in message:
+            raise RuntimeError(f"DevTools {method} failed: {message['error'].get('message')}")
+        result: dict[str, Any] = message.get("result", {})
+        if method == "Page.navigate" and result.get("errorText"):
+            raise RuntimeError(f"Chromium could not open the page: {result['errorText']}")
+        return result

@@ -1,0 +1,1 @@
+"""What the user's web page touches: the viewer, the dashboard and their static files."""

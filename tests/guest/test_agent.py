@@ -1,0 +1,278 @@
+"""The guest agent as a real process on a real unix socket, driven through the controller's Channel."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from browservm import protocol
+from browservm.sandbox.channel import AgentError, Channel
+
+
+@dataclass
+class AgentProcess:
+    sandbox_id: str
+    socket: Path
+    home: Path
+    run_dir: Path
+    process: subprocess.Popen[bytes]
+
+    async def connect(self) -> Channel:
+        async with asyncio.timeout(10):
+            while True:
+                assert self.process.poll() is None, (
+                    "agent exited:\n" + (self.run_dir / "agent.log").read_text()
+                )
+                try:
+                    reader, writer = await asyncio.open_unix_connection(str(self.socket))
+                    break
+                except (FileNotFoundError, ConnectionRefusedError):
+                    await asyncio.sleep(0.02)
+            return await Channel.handshake(self.sandbox_id, reader, writer)
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    # unix socket paths must stay under 108 bytes; pytest's tmp_path can be longer.
+    path = Path(tempfile.mkdtemp(prefix="bvm-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def start_agent(base: Path, role: str, sandbox_id: str = "sb-test") -> AgentProcess:
+    home, run_dir = base / "home", base / "run"
+    run_dir.mkdir(parents=True)
+    socket = run_dir / "agent.sock"
+    with (run_dir / "agent.log").open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "browservm.guest.agent", "--sandbox-id", sandbox_id, "--role", role,
+             "--listen", f"unix:{socket}", "--home", str(home), "--run-dir", str(run_dir)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    return AgentProcess(sandbox_id, socket, home, run_dir, process)
+
+
+def stop_agent(agent: AgentProcess) -> None:
+    if agent.process.poll() is None:
+        agent.process.send_signal(signal.SIGTERM)
+        try:
+            agent.process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(agent.process.pid, signal.SIGKILL)
+            agent.process.wait()
+
+
+@pytest.fixture
+def cli_agent(short_dir: Path) -> Iterator[AgentProcess]:
+    agent = start_agent(short_dir, "cli")
+    yield agent
+    stop_agent(agent)
+
+
+@pytest.fixture
+async def cli_channel(cli_agent: AgentProcess) -> AsyncIterator[Channel]:
+    channel = await cli_agent.connect()
+    yield channel
+    await channel.close()
+
+
+async def next_event(
+    queue: asyncio.Queue[BaseModel | None], kind: type[BaseModel], timeout_s: float = 10
+) -> BaseModel:
+    async with asyncio.timeout(timeout_s):
+        while True:
+            event = await queue.get()
+            assert event is not None, "channel closed while waiting for an event"
+            if isinstance(event, kind):
+                return event
+
+
+async def run_exec(channel: Channel, **fields: object) -> tuple[bytes, bytes, protocol.ExecExit]:
+    out, err = b"", b""
+    async with channel.subscribe() as events:
+        result = await channel.request(protocol.Exec(id=channel.next_id(), **fields))  # type: ignore[arg-type]
+        exec_id = result["exec_id"]
+        async with asyncio.timeout(15):
+            while True:
+                event = await events.get()
+                assert event is not None
+                if isinstance(event, protocol.ExecOutput) and event.exec_id == exec_id:
+                    data = base64.b64decode(event.data_b64)
+                    if event.stream == "stdout":
+                        out += data
+                    else:
+                        err += data
+                elif isinstance(event, protocol.ExecExit) and event.exec_id == exec_id:
+                    return out, err, event
+
+
+async def test_hello_and_status(cli_channel: Channel) -> None:
+    assert cli_channel.hello.role == "cli"
+    assert cli_channel.hello.protocol == protocol.PROTOCOL_VERSION
+    assert {"exec", "files"} <= set(cli_channel.hello.capabilities)
+    status = await cli_channel.request(protocol.Status(id=cli_channel.next_id()))
+    assert status["sandbox_id"] == "sb-test"
+    assert status["configured"] is False
+    assert status["services"] == {}
+
+
+async def test_unknown_and_malformed_requests_get_errors_and_the_agent_keeps_serving(
+    cli_channel: Channel,
+) -> None:
+    reply = await raw_request(cli_channel, 9001, protocol.encode_message(_Future(id=9001)))
+    assert reply.error is not None
+    assert reply.error.code == "unknown_type"
+    # A known type with a missing field is answered too (not a crash, not silence).
+    payload = b'{"type": "open_url", "id": 9002}'
+    frame = (len(payload) + 1).to_bytes(4, "big") + bytes([protocol.FRAME_MESSAGE]) + payload
+    reply = await raw_request(cli_channel, 9002, frame)
+    assert reply.error is not None
+    assert reply.error.code == "bad_request"
+    with pytest.raises(AgentError) as refused:
+        await cli_channel.request(protocol.Configure(id=cli_channel.next_id(), session_id="s1"))
+    assert refused.value.code == "wrong_role"
+    assert (await cli_channel.request(protocol.Status(id=cli_channel.next_id())))["role"] == "cli"
+
+
+class _Future(BaseModel):
+    type: str = "teleport"
+    id: int
+
+
+async def raw_request(channel: Channel, request_id: int, frame: bytes) -> protocol.Reply:
+    """Send a hand-made frame (one the Channel's typed API cannot build) and await its Reply."""
+    future: asyncio.Future[protocol.Reply] = asyncio.get_running_loop().create_future()
+    channel._pending[request_id] = future
+    try:
+        await channel._send_raw(frame)
+        return await asyncio.wait_for(future, 5)
+    finally:
+        channel._pending.pop(request_id, None)
+
+
+async def test_write_files_is_atomic_with_mode_and_refuses_escapes(
+    cli_channel: Channel, cli_agent: AgentProcess, short_dir: Path
+) -> None:
+    secret = b'{"token": "abc"}'
+    blob = protocol.FileBlob(
+        path=".codex/auth.json", content_b64=base64.b64encode(secret).decode(), mode=0o600
+    )
+    result = await cli_channel.request(protocol.WriteFiles(id=cli_channel.next_id(), files=[blob]))
+    assert result["written"] == [".codex/auth.json"]
+    written = cli_agent.home / ".codex" / "auth.json"
+    assert written.read_bytes() == secret
+    assert written.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in written.parent.iterdir()] == ["auth.json"], "no temp file left behind"
+
+    outside = short_dir / "outside"
+    outside.mkdir()
+    (cli_agent.home / "link").symlink_to(outside)
+    for bad in ("/etc/passwd", "../escape", ".codex/../../escape", "link/planted"):
+        with pytest.raises(AgentError) as refused:
+            await cli_channel.request(
+                protocol.WriteFiles(
+                    id=cli_channel.next_id(),
+                    files=[protocol.FileBlob(path=bad, content_b64=base64.b64encode(b"x").decode())],
+                )
+            )
+        assert refused.value.code == "bad_path", bad
+    assert list(outside.iterdir()) == []
+    assert not (short_dir / "escape").exists()
+
+
+async def test_exec_streams_output_and_exit_code(cli_channel: Channel, cli_agent: AgentProcess) -> None:
+    out, err, exit_ = await run_exec(
+        cli_channel,
+        argv=["sh", "-c", 'cat; echo "home=$HOME pwd=$(pwd) v=$V"; echo oops >&2; exit 3'],
+        env={"V": "42"},
+        stdin_b64=base64.b64encode(b"from stdin\n").decode(),
+    )
+    home = str(cli_agent.home.resolve())
+    assert out == f"from stdin\nhome={home} pwd={home} v=42\n".encode()
+    assert err == b"oops\n"
+    assert exit_.exit_code == 3
+    assert not exit_.timed_out
+
+
+async def test_exec_timeout_kills_the_command(cli_channel: Channel) -> None:
+    started = asyncio.get_running_loop().time()
+    out, _, exit_ = await run_exec(cli_channel, argv=["sh", "-c", "echo begun; sleep 30"], timeout_s=0.5)
+    assert out == b"begun\n"
+    assert exit_.timed_out
+    assert exit_.exit_code == -signal.SIGKILL
+    assert asyncio.get_running_loop().time() - started < 5
+
+
+async def test_exec_of_a_missing_program_is_an_error_reply(cli_channel: Channel) -> None:
+    with pytest.raises(AgentError) as refused:
+        await cli_channel.request(protocol.Exec(id=cli_channel.next_id(), argv=["/nonexistent/tool"]))
+    assert refused.value.code == "bad_request"
+
+
+async def test_a_new_connection_replaces_the_old_and_the_agent_survives_a_vanished_client(
+    cli_agent: AgentProcess,
+) -> None:
+    first = await cli_agent.connect()
+    second = await cli_agent.connect()
+    async with asyncio.timeout(5):
+        await first.closed.wait()  # replaced: the old controller's channel ends
+    assert second.hello.sandbox_id == "sb-test"
+    assert (await second.request(protocol.Status(id=second.next_id())))["role"] == "cli"
+    # The controller dies without a goodbye: the agent keeps running and takes the next one.
+    second._writer.transport.abort()
+    await first.close()
+    await second.close()
+    third = await cli_agent.connect()
+    try:
+        assert (await third.request(protocol.Status(id=third.next_id())))["sandbox_id"] == "sb-test"
+        assert cli_agent.process.poll() is None
+    finally:
+        await third.close()
+
+
+async def test_shutdown_exits_cleanly(cli_agent: AgentProcess) -> None:
+    channel = await cli_agent.connect()
+    await channel.request(protocol.Shutdown(id=channel.next_id()))
+    await channel.close()
+    assert await asyncio.to_thread(cli_agent.process.wait, 10) == 0
+    assert not cli_agent.socket.exists()
+
+
+async def test_browser_agent_without_login_module_refuses_provider(short_dir: Path) -> None:
+    agent = start_agent(short_dir, "browser")
+    try:
+        channel = await agent.connect()
+        try:
+            if _login_module_exists():
+                pytest.skip("browservm.guest.login exists now; provider_unavailable cannot happen")
+            with pytest.raises(AgentError) as refused:
+                await channel.request(
+                    protocol.Configure(id=channel.next_id(), session_id="s1", provider="codex")
+                )
+            assert refused.value.code == "provider_unavailable"
+            status = await channel.request(protocol.Status(id=channel.next_id()))
+            assert status["services"] == {}, "nothing starts when the configure is refused"
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+    finally:
+        stop_agent(agent)
+
+
+def _login_module_exists() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("browservm.guest.login") is not None

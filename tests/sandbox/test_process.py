@@ -1,0 +1,265 @@
+"""The process backend with real agents: bubblewrap, Xvfb, Chromium and x11vnc as a user gets them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Iterator
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from pydantic import BaseModel
+
+from browservm import protocol
+from browservm.sandbox.base import Liveness, SandboxError, SandboxHandle, SandboxSpec
+from browservm.sandbox.channel import Channel
+from browservm.sandbox.process import MARKER_ENV, ProcessBackend
+
+BOOT_S = 20.0
+
+
+@pytest.fixture
+def state_dir() -> Iterator[Path]:
+    # Short on purpose: the channel socket path must fit in 108 bytes.
+    path = Path(tempfile.mkdtemp(prefix="bvm-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+async def backend(state_dir: Path) -> AsyncIterator[ProcessBackend]:
+    backend = ProcessBackend(state_dir)
+    yield backend
+    # Whatever a test left running goes, found the way the reconciler would find it.
+    for sandbox_id in await backend.list_orphans([]):
+        directory = str(state_dir / "sandboxes" / sandbox_id)
+        await backend.destroy(SandboxHandle(sandbox_id, "process", "cli", {"dir": directory, "pid": None}))
+    await backend.close()
+
+
+@pytest.fixture
+def web_pages(tmp_path: Path) -> Iterator[str]:
+    """A local site with two pages, as the 'start_url' a session opens."""
+    (tmp_path / "start.html").write_text("<title>start page</title><h1>hello from the test</h1>")
+    (tmp_path / "next.html").write_text("<title>next page</title><h1>second</h1>")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(tmp_path)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def sandbox_processes(handle: SandboxHandle) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get(MARKER_ENV) == handle.runtime["dir"]:
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def host_pid(handle: SandboxHandle, sandbox_pid: int) -> int:
+    """The host's pid of a sandbox process the agent reports by its pid inside the sandbox.
+
+    Under bubblewrap the agent lives in its own PID namespace, so its pids mean nothing out here;
+    ``NSpid`` in /proc lists a process's pid in each namespace, innermost last.
+    """
+    if not handle.runtime["bwrap"]:
+        return sandbox_pid
+    for process in sandbox_processes(handle):
+        for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+            if line.startswith("NSpid:") and int(line.split()[-1]) == sandbox_pid and len(line.split()) > 2:
+                return process.pid
+    raise AssertionError(f"no process of sandbox {handle.sandbox_id} has pid {sandbox_pid} inside it")
+
+
+async def wait_state(
+    events: asyncio.Queue[BaseModel | None], service: str, state: str, seen: list[protocol.ServiceState]
+) -> protocol.ServiceState:
+    async with asyncio.timeout(BOOT_S):
+        while True:
+            event = await events.get()
+            assert event is not None, "channel closed"
+            if isinstance(event, protocol.ServiceState):
+                seen.append(event)
+                if event.service == service and event.state == state:
+                    return event
+
+
+async def page_url(devtools_port: int) -> str:
+    async with httpx.AsyncClient() as client:
+        targets = (await client.get(f"http://127.0.0.1:{devtools_port}/json/list")).json()
+    return next(t["url"] for t in targets if t["type"] == "page")
+
+
+async def eventually_page_url(channel: Channel, expected: str) -> None:
+    async with asyncio.timeout(10):
+        while True:
+            status = await channel.request(protocol.Status(id=channel.next_id()))
+            if status["devtools_port"] and await page_url(status["devtools_port"]) == expected:
+                return
+            await asyncio.sleep(0.1)
+
+
+@pytest.mark.browser
+async def test_browser_sandbox_shows_the_page_survives_a_chromium_crash_and_is_destroyed(
+    backend: ProcessBackend, web_pages: str
+) -> None:
+    handle = await backend.create(SandboxSpec(sandbox_id="br1", role="browser"))
+    assert handle.runtime["bwrap"] is backend.bwrap_usable()
+    channel = await backend.connect(handle, timeout_s=BOOT_S)
+    seen: list[protocol.ServiceState] = []
+    try:
+        async with channel.subscribe() as events:
+            start_url = f"{web_pages}/start.html"
+            configure = protocol.Configure(
+                id=channel.next_id(),
+                session_id="s1",
+                start_url=start_url,
+                screen=protocol.ScreenConfig(width=800, height=600, fps=5),
+            )
+            result = await channel.request(configure)
+            assert {"xvfb", "chromium", "vnc"} <= set(result["services"])
+            await wait_state(events, "xvfb", "ready", seen)
+            await wait_state(events, "chromium", "ready", seen)
+            status = await channel.request(protocol.Status(id=channel.next_id()))
+            assert status["display"].startswith(":")
+            await eventually_page_url(channel, start_url)
+
+            # The user (or the login) moves on; a crash later must come back on *that* page.
+            next_url = f"{web_pages}/next.html"
+            await channel.request(protocol.OpenUrl(id=channel.next_id(), url=next_url))
+            await eventually_page_url(channel, next_url)
+
+            # VNC fallback: the RFB banner arrives through the channel.
+            if not any(s.service == "vnc" and s.state == "ready" for s in seen):
+                await wait_state(events, "vnc", "ready", seen)
+            stream = await channel.open_stream("vnc")
+            async with asyncio.timeout(5):
+                banner = await stream.read()
+            assert banner is not None
+            assert banner.startswith(b"RFB 003.00")
+            await stream.close()
+
+            before = await channel.request(protocol.Status(id=channel.next_id()))
+            assert before["services"]["chromium"]["restarts"] == 0, before["services"]["chromium"]
+            seen.clear()
+            os.kill(host_pid(handle, before["pids"]["chromium"]), signal.SIGKILL)
+            restarting = await wait_state(events, "chromium", "restarting", seen)
+            assert restarting.restarts == 1
+            await wait_state(events, "chromium", "ready", seen)
+            touched = [s for s in seen if s.service in ("xvfb", "vnc")]
+            assert touched == [], f"other services were touched: {touched}"
+            after = await channel.request(protocol.Status(id=channel.next_id()))
+            assert after["pids"]["xvfb"] == before["pids"]["xvfb"]
+            assert after["pids"]["vnc"] == before["pids"]["vnc"]
+            assert after["services"]["chromium"]["restarts"] == 1
+            await eventually_page_url(channel, next_url)
+    finally:
+        await channel.close()
+
+    # A controller restart: a handle rebuilt from the stored runtime alone can probe and destroy.
+    adopted = SandboxHandle(handle.sandbox_id, "process", "browser", dict(handle.runtime))
+    assert await backend.probe(adopted) == Liveness.ALIVE
+    assert sandbox_processes(adopted), "the sandbox's processes carry its marker"
+    await backend.destroy(adopted)
+    assert sandbox_processes(adopted) == []
+    assert not Path(handle.runtime["dir"]).exists()
+    assert await backend.probe(handle) == Liveness.GONE
+    await backend.destroy(handle)  # idempotent
+
+
+async def test_cli_sandbox_outlives_its_controller_and_is_adopted(backend: ProcessBackend) -> None:
+    handle = await backend.create(SandboxSpec(sandbox_id="cli1", role="cli", env={"EXTRA": "yes"}))
+    first = await backend.connect(handle, timeout_s=BOOT_S)
+    assert first.hello.role == "cli"
+    await first.request(
+        protocol.WriteFiles(
+            id=first.next_id(), files=[protocol.FileBlob(path="note.txt", content_b64="aGk=")]
+        )
+    )
+    first._writer.transport.abort()  # the controller dies mid-connection
+    await first.close()
+
+    adopted = SandboxHandle("cli1", "process", "cli", dict(handle.runtime))
+    assert await backend.probe(adopted) == Liveness.ALIVE
+    second = await backend.connect(adopted, timeout_s=BOOT_S)
+    try:
+        async with second.subscribe() as events:
+            exec_id = (
+                await second.request(
+                    protocol.Exec(id=second.next_id(), argv=["sh", "-c", 'cat note.txt; echo " $EXTRA"'])
+                )
+            )["exec_id"]
+            output = b""
+            async with asyncio.timeout(10):
+                while not isinstance(event := await events.get(), protocol.ExecExit):
+                    if isinstance(event, protocol.ExecOutput) and event.exec_id == exec_id:
+                        import base64
+
+                        output += base64.b64decode(event.data_b64)
+        assert output == b"hi yes\n"
+    finally:
+        await second.close()
+    await backend.destroy(adopted)
+    assert await backend.probe(handle) == Liveness.GONE
+
+
+async def test_hibernate_keeps_home_and_resume_runs_again(backend: ProcessBackend) -> None:
+    handle = await backend.create(SandboxSpec(sandbox_id="cli2", role="cli"))
+    channel = await backend.connect(handle, timeout_s=BOOT_S)
+    await channel.request(
+        protocol.WriteFiles(
+            id=channel.next_id(), files=[protocol.FileBlob(path=".codex/auth.json", content_b64="e30=")]
+        )
+    )
+    await channel.close()
+    hibernated = await backend.hibernate(handle)
+    assert await backend.probe(hibernated) == Liveness.HIBERNATED
+    assert await backend.probe(handle) == Liveness.HIBERNATED, "the old pid is gone, the marker stays"
+    assert sandbox_processes(handle) == []
+    resumed = await backend.resume(hibernated)
+    assert await backend.probe(resumed) == Liveness.ALIVE
+    assert resumed.runtime["pid"] != handle.runtime["pid"]
+    channel = await backend.connect(resumed, timeout_s=BOOT_S)
+    await channel.close()
+    assert (Path(resumed.runtime["dir"]) / "home" / ".codex" / "auth.json").read_text() == "{}"
+    await backend.destroy(resumed)
+
+
+async def test_orphans_are_sandboxes_nobody_knows(backend: ProcessBackend) -> None:
+    known = await backend.create(SandboxSpec(sandbox_id="known", role="cli"))
+    stray = await backend.create(SandboxSpec(sandbox_id="stray", role="cli"))
+    assert await backend.list_orphans(["known"]) == ["stray"]
+    await backend.destroy(stray)
+    await backend.destroy(known)
+    assert await backend.list_orphans([]) == []
+
+
+async def test_an_agent_that_cannot_start_fails_fast_with_its_log(state_dir: Path) -> None:
+    backend = ProcessBackend(state_dir, python="/bin/false")
+    handle = await backend.create(SandboxSpec(sandbox_id="broken", role="cli"))
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(SandboxError) as failed:
+        await backend.connect(handle, timeout_s=BOOT_S)
+    assert asyncio.get_running_loop().time() - started < 5, "noticed the exit, not the timeout"
+    assert "not running" in str(failed.value)
+    await backend.destroy(handle)
+    assert not (state_dir / "sandboxes" / "broken").exists()
+
+
+async def test_readiness_reports_what_this_host_can_run(backend: ProcessBackend) -> None:
+    readiness = await backend.readiness()
+    assert readiness.ready, readiness.detail
+    assert ("bubblewrap" in readiness.detail) is backend.bwrap_usable()

@@ -1,0 +1,44 @@
+"""A real headless Chromium (Debian's, through Playwright) to open the viewer page with."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from playwright.async_api import BrowserContext, async_playwright
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    # A receiving Chromium on a loopback-only test bed needs both (research/streaming.md).
+    "--allow-loopback-in-peer-connection",
+    "--disable-features=WebRtcHideLocalIpsWithMdns",
+    "--autoplay-policy=no-user-gesture-required",
+]
+
+
+@pytest.fixture
+async def browser_context() -> AsyncIterator[BrowserContext]:
+    profile = Path(tempfile.mkdtemp(prefix="bvm-viewer-profile-"))
+    async with async_playwright() as playwright:
+        context = await playwright.chromium.launch_persistent_context(
+            str(profile),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=FLAGS,
+            viewport={"width": 800, "height": 700},
+        )
+        try:
+            yield context
+        finally:
+            await context.close()
+    shutil.rmtree(profile, ignore_errors=True)
