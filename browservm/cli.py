@@ -21,8 +21,10 @@ from browservm.store.states import IllegalTransition, SessionStatus
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 keys_app = typer.Typer(no_args_is_help=True, help="Operator API keys.")
 sessions_app = typer.Typer(no_args_is_help=True, help="Inspect and cancel sessions.")
+vault_app = typer.Typer(no_args_is_help=True, help="The credential vault's keys.")
 app.add_typer(keys_app, name="keys")
 app.add_typer(sessions_app, name="sessions")
+app.add_typer(vault_app, name="vault")
 
 T = TypeVar("T")
 
@@ -254,6 +256,61 @@ def sessions_cancel(session_id: str) -> None:
     typer.echo(message, err=message.startswith("error"))
     if message.startswith("error"):
         raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------------------------------- vault
+
+
+@vault_app.command("rotate")
+def vault_rotate(
+    reseal: Annotated[bool, typer.Option(help="Re-seal every stored credential under the new key")] = True,
+) -> None:
+    """Add a new active key to the key file (old keys stay, so old records open) and re-seal records."""
+    from browservm.vault import KeyRing, Vault, write_key_file
+
+    settings = _settings()
+    if settings.vault_keys:
+        typer.echo(
+            "error: keys come from BROWSERVM_VAULT_KEYS; add a key there, make it active, restart, then run "
+            "'browservm vault reseal'",
+            err=True,
+        )
+        raise typer.Exit(2)
+    Vault.from_settings(settings)  # creates the key file on first use
+    path = settings.effective_vault_key_file
+    ring = KeyRing.from_json(path.read_text(), source=str(path)).rotated()
+    write_key_file(path, ring)
+    typer.echo(f"active vault key is now {ring.active} ({path})")
+    if reseal:
+        vault_reseal()
+
+
+@vault_app.command("reseal")
+def vault_reseal() -> None:
+    """Re-seal every stored credential set under the active key (after a rotation)."""
+    from browservm.store import credentials as credential_store
+    from browservm.vault import Sealed, Vault
+
+    settings = _settings()
+    vault = Vault.from_settings(settings)
+
+    async def work(db: Database) -> tuple[int, int]:
+        changed = total = 0
+        async with db.session() as session:
+            for record in await credential_store.live_sealed(session):
+                total += 1
+                sealed = Sealed(key_id=record.key_id, nonce=record.nonce, ciphertext=record.ciphertext)
+                if not vault.needs_reseal(sealed):
+                    continue
+                fresh = vault.reseal(sealed, user_id=record.user_id, provider=record.provider)
+                await credential_store.replace_sealed(
+                    session, record.id, key_id=fresh.key_id, nonce=fresh.nonce, ciphertext=fresh.ciphertext
+                )
+                changed += 1
+        return changed, total
+
+    changed, total = _with_db(settings, work)
+    typer.echo(f"re-sealed {changed} of {total} credential sets under key {vault.active_key_id}")
 
 
 def main() -> None:

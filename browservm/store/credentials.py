@@ -76,3 +76,18 @@ async def revoke(db: AsyncSession, credential_id: str, *, tenant: str) -> bool:
         .values(revoked_at=utcnow(), ciphertext=b"", nonce=b"")
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def live_sealed(db: AsyncSession) -> Sequence[Credential]:
+    """Every credential set that still holds a sealed blob (for key rotation)."""
+    return list((await db.execute(select(Credential).where(Credential.revoked_at.is_(None)))).scalars())
+
+
+async def replace_sealed(
+    db: AsyncSession, credential_id: str, *, key_id: str, nonce: bytes, ciphertext: bytes
+) -> None:
+    await db.execute(
+        update(Credential)
+        .where(Credential.id == credential_id)
+        .values(key_id=key_id, nonce=nonce, ciphertext=ciphertext)
+    )
