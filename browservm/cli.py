@@ -89,6 +89,8 @@ def serve(
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=10,
+        # Outlive the usual 60 s idle timeout of load balancers in front, so they close first.
+        timeout_keep_alive=75,
         ws_max_size=4 * 1024 * 1024,
     )
     uvicorn.Server(config).run()

@@ -25,12 +25,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -52,6 +54,7 @@ from browservm.sandbox.channel import Channel
 
 log = structlog.get_logger(__name__)
 
+SANDBOX_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MARKER_ENV = "BROWSERVM_SANDBOX_DIR"
 HIBERNATED_MARKER = "hibernated"
 STOP_GRACE_S = 5.0
@@ -145,6 +148,11 @@ class ProcessBackend(SandboxBackend):
                 spec.sandbox_id,
                 "the process backend shares the host network and cannot enforce an egress policy yet; "
                 "create the sandbox without network.egress_allow or use the qemu backend",
+            )
+        if not SANDBOX_ID.fullmatch(spec.sandbox_id):
+            raise SandboxError(
+                spec.sandbox_id,
+                "a sandbox id must be 1-64 letters, digits, '_' or '-' (it names a directory)",
             )
         sandbox_dir = self.sandboxes_dir / spec.sandbox_id
         socket = sandbox_dir / "run" / "agent.sock"
@@ -251,11 +259,17 @@ class ProcessBackend(SandboxBackend):
             ) from exc
 
     async def destroy(self, handle: SandboxHandle) -> None:
+        # A handle with no runtime (an orphan found by list_orphans) is found by its id alone.
+        if not handle.runtime.get("dir"):
+            handle = replace(handle, runtime={**handle.runtime, "dir": str(self._dir_of(handle.sandbox_id))})
         await asyncio.to_thread(self._stop_processes, handle)
-        sandbox_dir = handle.runtime.get("dir")
-        if sandbox_dir:
-            await asyncio.to_thread(shutil.rmtree, sandbox_dir, ignore_errors=True)
+        await asyncio.to_thread(shutil.rmtree, handle.runtime["dir"], ignore_errors=True)
         log.info("sandbox.destroyed", sandbox_id=handle.sandbox_id)
+
+    def _dir_of(self, sandbox_id: str) -> Path:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", sandbox_id):
+            raise SandboxError(sandbox_id, "not a sandbox id this backend creates")
+        return self.sandboxes_dir / sandbox_id
 
     async def probe(self, handle: SandboxHandle) -> Liveness:
         return self._liveness(handle)

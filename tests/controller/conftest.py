@@ -83,7 +83,13 @@ async def run_controller(settings: Settings) -> AsyncIterator[Controller]:
     await db.close()
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(settings), host="127.0.0.1", port=settings.port, log_config=None, lifespan="on"
+            create_app(settings),
+            host="127.0.0.1",
+            port=settings.port,
+            log_config=None,
+            lifespan="on",
+            # Longer than any pause in a test, so a pooled connection is never closed under a request.
+            timeout_keep_alive=120,
         )
     )
     task = asyncio.create_task(server.serve())

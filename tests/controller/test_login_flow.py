@@ -5,47 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-import websockets
 
-from tests.controller.conftest import Controller
+from tests.controller.conftest import Controller, controller_settings, run_controller
+from tests.controller.demo_login import WHOAMI, browser_dirs, run_in_cli_vm, sign_in
 
 pytestmark = pytest.mark.browser
-
-
-async def _cdp_page(profile: Path, url_part: str, timeout_s: float = 30) -> str:
-    """The DevTools websocket URL of the sandbox Chromium's page showing ``url_part``."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    async with httpx.AsyncClient() as client:
-        while asyncio.get_running_loop().time() < deadline:
-            port_file = profile / "DevToolsActivePort"
-            if port_file.exists() and port_file.read_text().strip():
-                port = int(port_file.read_text().split()[0])
-                try:
-                    targets = (await client.get(f"http://127.0.0.1:{port}/json")).json()
-                except httpx.HTTPError:
-                    targets = []
-                for target in targets:
-                    if target.get("type") == "page" and url_part in target.get("url", ""):
-                        return str(target["webSocketDebuggerUrl"])
-            await asyncio.sleep(0.2)
-    raise AssertionError(f"no page with {url_part!r} in the sandbox's Chromium")
-
-
-async def _evaluate(ws_url: str, expression: str) -> Any:
-    async with websockets.connect(ws_url, max_size=None) as ws:
-        await ws.send(
-            json.dumps({"id": 1, "method": "Runtime.evaluate", "params": {"expression": expression}})
-        )
-        while True:
-            reply = json.loads(await ws.recv())
-            if reply.get("id") == 1:
-                return reply["result"]
 
 
 async def test_demo_login_completes_and_lands_in_the_cli_vm(
@@ -57,25 +25,9 @@ async def test_demo_login_completes_and_lands_in_the_cli_vm(
 
     session = (await client.post("/v1/sessions", json={"user_id": "alice", "provider": "demo"})).json()
     waiting = await controller.wait_status(session["id"], "awaiting_user", "failed")
-    assert waiting["status"] == "awaiting_user", waiting["reason"]
     assert "/demo/oauth/authorize?" in waiting["login_url"]
     assert "redirect_uri=http%3A%2F%2F127.0.0.1" in waiting["login_url"]
-
-    # The sandbox id is not part of the public API: find the browser's profile on disk.
-    sandboxes = controller.settings.state_dir / "sandboxes"
-    browser_dirs = [d for d in sandboxes.iterdir() if (d / "run" / "chromium-profile").exists()]
-    assert len(browser_dirs) == 1
-    page = await _cdp_page(browser_dirs[0] / "run" / "chromium-profile", "/demo/oauth/authorize")
-    # The user types into the real form and presses the button.
-    await _evaluate(
-        page,
-        "document.querySelector('#email').value='alice@example.com';"
-        "document.querySelector('#password').value='demo';"
-        "document.querySelector('button[type=submit]').click(); true",
-    )
-
-    done = await controller.wait_status(session["id"], "completed", "failed", timeout_s=60)
-    assert done["status"] == "completed", done["reason"]
+    done = await sign_in(controller, session["id"], "alice@example.com")
     assert done["account"].get("email") == "alice@example.com"
 
     # Stored: what and whose, never the secret.
@@ -84,33 +36,19 @@ async def test_demo_login_completes_and_lands_in_the_cli_vm(
     assert creds[0]["account"]["email"] == "alice@example.com" and creds[0]["delivered_at"]
 
     # Delivered: the demo CLI in the user's CLI VM is signed in.
-    output, exit_code = [], None
-    async with client.stream(
-        "POST",
-        "/v1/users/alice/cli-vm/exec",
-        json={"argv": [sys.executable, "-m", "browservm.guest.providers.demo_cli", "whoami"]},
-    ) as stream:
-        event = ""
-        async for line in stream.aiter_lines():
-            if line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:"):
-                data = json.loads(line[5:])
-                if event == "output":
-                    output.append(data["data"])
-                elif event == "exit":
-                    exit_code = data["exit_code"]
-    assert exit_code == 0 and "alice@example.com" in "".join(output)
+    output, exit_code = await run_in_cli_vm(controller, "alice", WHOAMI)
+    assert exit_code == 0 and "alice@example.com" in output
 
     # The browser sandbox is gone; the CLI VM stays.
     for _ in range(100):
-        if not [d for d in sandboxes.iterdir() if (d / "run" / "chromium-profile").exists()]:
+        if not browser_dirs(controller):
             break
         await asyncio.sleep(0.1)
-    assert not [d for d in sandboxes.iterdir() if (d / "run" / "chromium-profile").exists()]
+    assert not browser_dirs(controller)
     assert (await client.get("/v1/users/alice/cli-vm")).json()["state"] == "assigned"
 
     # No credential plaintext anywhere but the CLI VM: not in the database, the API, events, or logs.
+    sandboxes = controller.settings.state_dir / "sandboxes"
     delivered = next(sandboxes.glob("*/home/.browservm-demo/credentials.json"))
     tokens = json.loads(delivered.read_text())
     secrets = [v for k, v in _flatten(tokens) if "token" in k and isinstance(v, str) and len(v) >= 16]
@@ -126,6 +64,51 @@ async def test_demo_login_completes_and_lands_in_the_cli_vm(
         assert secret.encode() not in database
         assert secret not in logs.out and secret not in logs.err
         assert secret not in json.dumps(creds)
+
+
+async def test_credentials_wait_for_a_cli_vm_and_survive_hibernation(controller: Controller) -> None:
+    client = controller.client
+    session = (await client.post("/v1/sessions", json={"user_id": "bob", "provider": "demo"})).json()
+    await sign_in(controller, session["id"], "bob@example.com")
+    (credential,) = (await client.get("/v1/users/bob/credentials")).json()
+    assert credential["delivered_at"] is None  # no CLI VM yet
+
+    assert (await client.post("/v1/users/bob/cli-vm")).status_code == 201
+    assert (await client.post("/v1/users/bob/cli-vm")).status_code == 409
+    output, exit_code = await run_in_cli_vm(controller, "bob", WHOAMI)
+    assert exit_code == 0 and "bob@example.com" in output
+
+    hibernated = await client.post("/v1/users/bob/cli-vm/hibernate")
+    assert hibernated.status_code == 200 and hibernated.json()["state"] == "hibernated"
+    refused = await client.post("/v1/users/bob/cli-vm/exec", json={"argv": WHOAMI})
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "hibernated"
+
+    resumed = await client.post("/v1/users/bob/cli-vm/resume")
+    assert resumed.status_code == 200 and resumed.json()["state"] == "assigned"
+    output, exit_code = await run_in_cli_vm(controller, "bob", WHOAMI)
+    assert exit_code == 0 and "bob@example.com" in output
+
+    assert (await client.delete("/v1/users/bob/cli-vm")).status_code == 204
+    assert (await client.get("/v1/users/bob/cli-vm")).status_code == 404
+    assert (await client.delete(f"/v1/users/bob/credentials/{credential['id']}")).status_code == 204
+    assert (await client.get("/v1/users/bob/credentials")).json() == []
+
+
+async def test_a_session_without_a_sign_in_expires_and_its_sandbox_goes(
+    tmp_path: Path, database_url: str
+) -> None:
+    settings = controller_settings(tmp_path, database_url, session_ttl_s=6)
+    async for controller in run_controller(settings):
+        session = (
+            await controller.client.post("/v1/sessions", json={"user_id": "c", "provider": "demo"})
+        ).json()
+        ended = await controller.wait_status(session["id"], "expired", "failed", "completed", timeout_s=40)
+        assert ended["status"] == "expired", ended
+        for _ in range(100):
+            if not browser_dirs(controller):
+                break
+            await asyncio.sleep(0.1)
+        assert not browser_dirs(controller)
 
 
 def _flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -18,6 +19,8 @@ import httpx
 import psutil
 import pytest
 
+from browservm.sandbox.base import SandboxHandle
+from browservm.sandbox.process import ProcessBackend
 from tests.controller.conftest import free_port
 
 BIN = Path(sys.executable).parent / "browservm"
@@ -73,9 +76,9 @@ def serve(tmp_path: Path, database_url: str) -> Iterator[ServeProcess]:
     finally:
         if process.process is not None and process.process.poll() is None:
             process.terminate()
-        for proc in psutil.process_iter(["cmdline"]):
-            if any(str(state_dir) in part for part in (proc.info["cmdline"] or [])):
-                proc.kill()
+        backend = ProcessBackend(state_dir)
+        for orphan in asyncio.run(backend.list_orphans([])):
+            asyncio.run(backend.destroy(SandboxHandle(orphan, backend.name, "browser", {})))
         shutil.rmtree(state_dir, ignore_errors=True)
 
 
