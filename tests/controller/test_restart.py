@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -124,7 +125,8 @@ def test_kill_9_keeps_sessions_and_adopts_the_live_sandbox(serve: ServeProcess) 
     # One sandbox dies with the controller down; the other keeps running.
     db_sandbox = _sandbox_of(serve, doomed["id"])
     for proc in _sandbox_processes(db_sandbox):
-        proc.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
     assert _sandbox_processes(_sandbox_of(serve, adopted["id"])), "sandbox should outlive the controller"
 
     serve.start()
