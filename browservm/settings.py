@@ -120,8 +120,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _turn(self) -> Settings:
-        if self.turn_urls and not self.turn_secret:
-            raise ValueError("BROWSERVM_TURN_SECRET is required when BROWSERVM_TURN_URLS is set")
+        if (self.turn_urls or self.run_coturn) and not self.turn_secret:
+            raise ValueError(
+                "BROWSERVM_TURN_SECRET is required when BROWSERVM_TURN_URLS or BROWSERVM_RUN_COTURN is set"
+            )
+        if self.run_coturn and not self.turn_urls:
+            # The local coturn's own address, so viewers and guests get credentials for it.
+            self.turn_urls = ["turn:127.0.0.1:3478?transport=udp", "turn:127.0.0.1:3478?transport=tcp"]
         return self
 
     @property

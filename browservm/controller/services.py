@@ -16,6 +16,7 @@ from browservm.controller.notifier import Notifier
 from browservm.controller.reconciler import Reconciler
 from browservm.controller.sandboxes import SandboxService
 from browservm.controller.sessions import SessionService
+from browservm.controller.turn import Coturn
 from browservm.sandbox import make_backend
 from browservm.sandbox.base import SandboxBackend
 from browservm.settings import Settings
@@ -39,6 +40,7 @@ class Services:
     sessions: SessionService
     cli_vms: CliVmService
     reconciler: Reconciler
+    coturn: Coturn | None = None
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -76,6 +78,10 @@ class Services:
             cli_vms=cli_vms,
             reconciler=reconciler,
         )
+        if settings.run_coturn:
+            services.coturn = Coturn.from_settings(settings)
+            await services.coturn.start()
+            log.info("coturn.started", urls=services.coturn.urls)
         await reconciler.startup()
         services.background.append(asyncio.create_task(reconciler.run(), name="reconciler"))
         return services
@@ -90,4 +96,6 @@ class Services:
         await self.sandboxes.close()
         await self.backend.close()
         await self.db.close()
+        if self.coturn is not None:
+            await self.coturn.stop()
         log.info("controller.stopped")

@@ -28,6 +28,7 @@ from browservm.controller.errors import ApiError, not_found
 from browservm.controller.metrics import Metrics
 from browservm.controller.notifier import Notifier
 from browservm.controller.sandboxes import SandboxService
+from browservm.controller.turn import ice_servers
 from browservm.sandbox.base import Liveness, SandboxError
 from browservm.sandbox.channel import AgentError, Channel, ChannelClosed
 from browservm.settings import Settings
@@ -214,7 +215,12 @@ class SessionService:
                     height=self.settings.screen_height,
                     fps=self.settings.screen_fps,
                 ),
-                stream=protocol.StreamConfig(codec=self.settings.codec),
+                stream=protocol.StreamConfig(
+                    codec=self.settings.codec,
+                    ice_servers=ice_servers(
+                        self.settings, session.id, session_expires_at=session.expires_at.timestamp()
+                    ),
+                ),
                 login_timeout_s=max(1.0, remaining),
             ),
             timeout_s=60,

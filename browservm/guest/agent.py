@@ -385,6 +385,7 @@ class Agent:
         self.login_state: protocol.LoginState | None = None
         self._stream_ids = itertools.count(1)
         self._background: set[asyncio.Task[None]] = set()
+        self._serving: set[asyncio.Task[Any]] = set()
         self._handlers: dict[str, Handler] = {
             "configure": self._configure,
             "status": self._status,
@@ -420,15 +421,21 @@ class Agent:
 
     async def handle_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connection = _Connection(reader, writer)
-        previous, self.connection = self.connection, connection
-        if previous is not None:
-            log.info("agent.connection_replaced")
-            await previous.close(flush_s=0.2)
+        this_task = asyncio.current_task()
+        if this_task is not None:
+            self._serving.add(this_task)
+            this_task.add_done_callback(self._serving.discard)
+        # Hello and the snapshot are queued before this connection can receive any event (no await in
+        # between): the controller's handshake needs Hello first.
         connection.send(self.hello)
         for state in self.supervisor.states():
             connection.send(state)
         if self.login_state is not None:
             connection.send(self.login_state)
+        previous, self.connection = self.connection, connection
+        if previous is not None:
+            log.info("agent.connection_replaced")
+            await previous.close(flush_s=0.2)
         try:
             await self._serve(connection)
         except (ConnectionError, protocol.ProtocolError) as exc:
@@ -446,7 +453,13 @@ class Agent:
                     (stream_id,) = struct.unpack_from(">I", payload)
                     bridge = connection.streams.get(stream_id)
                     if bridge is not None:
-                        await bridge.write(payload[4:])
+                        try:
+                            await bridge.write(payload[4:])
+                        except ConnectionError:
+                            # x11vnc dropped this viewer: end that stream, not the whole channel.
+                            connection.streams.pop(stream_id, None)
+                            await bridge.close()
+                            connection.send(protocol.CloseStream(stream_id=stream_id))
                 continue
             if kind != protocol.FRAME_MESSAGE:
                 raise protocol.ProtocolError(f"unknown frame kind {kind}")
@@ -653,6 +666,10 @@ class Agent:
         if self.connection is not None:
             await self.connection.close()
             self.connection = None
+        if self._serving:
+            # Let connection handlers see their closed sockets and end on their own: asyncio.run would
+            # cancel them, and a cancelled server callback logs a spurious traceback on Python 3.11.
+            await asyncio.wait(self._serving, timeout=1.0)
 
 
 async def run(args: argparse.Namespace, home: Path, run_dir: Path) -> None:

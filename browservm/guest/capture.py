@@ -342,13 +342,15 @@ class X11GrabSource(VideoSource):
             }
         else:
             codec = av.CodecContext.create("libvpx", "w")
+            # aiortc's realtime set (measured to hold 30 fps); ``error-resilient`` and a high
+            # ``static-thresh`` made libvpx drop to ~6 fps here.
             codec.options = {
                 "deadline": "realtime",
-                "cpu-used": "8",
+                "cpu-used": "-6",
                 "lag-in-frames": "0",
-                "error-resilient": "1",
-                "static-thresh": "100",
-                "undershoot-pct": "95",
+                "partitions": "0",
+                "static-thresh": "1",
+                "undershoot-pct": "100",
                 "overshoot-pct": "15",
                 "minrate": str(self.bitrate_kbps * 1000),
                 "maxrate": str(self.bitrate_kbps * 1000),
@@ -356,7 +358,9 @@ class X11GrabSource(VideoSource):
             }
             codec.gop_size = 100_000
             codec.qmin, codec.qmax = 4, 56
-        codec.thread_count = 2  # aiortc picks one thread on a 2-core box: 15 fps at 1080p
+        # aiortc picks one thread on a 2-core box, which gives 15 fps at 1080p; below that one thread
+        # is cheaper (thread hand-offs cost more than they save on a busy 2-core host).
+        codec.thread_count = 2 if self.width * self.height > 1280 * 720 else 1
         codec.width, codec.height = self.width, self.height
         codec.pix_fmt = "yuv420p"
         codec.bit_rate = self.bitrate_kbps * 1000

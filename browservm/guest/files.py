@@ -107,7 +107,10 @@ class ExecRunner:
     async def start(self, request: protocol.Exec) -> str:
         """Start the command; returns its exec id at once (output follows as events)."""
         cwd = path_in_home(self.home, request.cwd) if request.cwd else self.home.resolve()
-        stdin = base64.b64decode(request.stdin_b64) if request.stdin_b64 else None
+        try:
+            stdin = base64.b64decode(request.stdin_b64, validate=True) if request.stdin_b64 else None
+        except binascii.Error as exc:
+            raise FileRequestError(f"stdin_b64 is not valid base64: {exc}") from exc
         try:
             process = await asyncio.create_subprocess_exec(
                 *request.argv,

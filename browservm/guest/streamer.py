@@ -112,6 +112,8 @@ class Viewer:
     track: EncodedVideoTrack
     channel: Any = None  # RTCDataChannel "input"
     estimate_kbps: int | None = None
+    offer_applied: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once the offer is applied: a candidate trickled before that waits for it."""
 
 
 class Streamer:
@@ -127,6 +129,7 @@ class Streamer:
         self._xinput: XInput | None = None
         self._clipboard: ClipboardBridge | None = None
         self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -277,10 +280,13 @@ class Streamer:
                 if frame is None:
                     break
                 kind, message = frame
-                if kind != protocol.FRAME_MESSAGE:
+                if kind != protocol.FRAME_MESSAGE or not isinstance(message, BaseModel):
                     continue
-                if isinstance(message, BaseModel):
-                    asyncio.create_task(self._answer(message, writer))  # noqa: RUF006 - held by the loop
+                # Answer concurrently: an offer takes a while (ICE gathering) and must not hold up a
+                # candidate or a close for another viewer.
+                task = asyncio.create_task(self._answer(message, writer))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
         except (protocol.ProtocolError, ConnectionError) as exc:
             log.warning("channel client dropped: %s", exc)
         finally:
@@ -389,6 +395,7 @@ class Streamer:
             self._watch_peer(viewer)
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+                viewer.offer_applied.set()
             except Exception as exc:
                 if "send parameters" in str(exc):
                     raise SignalError(
@@ -476,6 +483,10 @@ class Streamer:
         if not line:
             return  # end-of-candidates: aiortc needs no notice
         try:
+            await asyncio.wait_for(viewer.offer_applied.wait(), 10)
+        except TimeoutError:
+            raise SignalError("bad_candidate", f"peer {peer_id!r} never had its offer applied") from None
+        try:
             parsed = candidate_from_sdp(line.split(":", 1)[1] if line.startswith("candidate:") else line)
             parsed.sdpMid = (candidate or {}).get("sdpMid")
             parsed.sdpMLineIndex = (candidate or {}).get("sdpMLineIndex")
@@ -527,7 +538,7 @@ def parse_args(argv: list[str] | None = None) -> StreamerOptions:
     parser.add_argument("--ice-servers", default="[]", help='JSON list of {"urls", "username", "credential"}')
     parser.add_argument(
         "--host-addresses",
-        default="",
+        default=os.environ.get("BROWSERVM_STREAMER_HOST_ADDRESSES", ""),
         help="comma-separated addresses to gather ICE host candidates on (loopback test beds)",
     )
     parser.add_argument(

@@ -82,10 +82,15 @@ class ServiceLog:
         self._file.close()
 
 
+_PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+# Looked up here, in the parent: between fork and exec the child must not dlopen or take locks that
+# another thread of the agent (asyncio's child watchers) may hold.
+
+
 def _die_with_agent() -> None:
     # Runs in the child between fork and exec: ask the kernel to SIGTERM it when the agent dies.
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 async def spawn(

@@ -4,6 +4,7 @@ controller's routes and the channel, and the HTTP semantics of WHEP hold."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,6 +16,7 @@ import websockets.asyncio.client
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from websockets.exceptions import InvalidStatus
 
+from browservm.controller.api import signaling
 from tests.controller.viewer_testbed import ViewerBed, viewer_bed
 
 
@@ -213,3 +215,23 @@ async def test_whep_refuses_missing_and_foreign_tokens(bed: ViewerBed) -> None:
         )
         assert foreign.status_code == 403
         assert foreign.headers["access-control-allow-origin"] == "*"
+
+
+async def test_a_session_takes_a_few_viewers_not_a_crowd(bed: ViewerBed) -> None:
+    url = f"{bed.ws_url}/v1/sessions/{bed.session_id}/signal?token={bed.token}"
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(signaling.MAX_SOCKETS_PER_SESSION):
+            ws = await stack.enter_async_context(websockets.asyncio.client.connect(url))
+            await receive(ws, "hello")
+        with pytest.raises(InvalidStatus) as refused:
+            await websockets.asyncio.client.connect(url)
+        assert refused.value.response.status_code == 429
+    # Once they have gone, a new viewer gets in.
+    async with asyncio.timeout(5):
+        while True:
+            try:
+                async with websockets.asyncio.client.connect(url) as ws:
+                    await receive(ws, "hello")
+                    break
+            except InvalidStatus:
+                await asyncio.sleep(0.05)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import os
 import shutil
 import signal
@@ -103,7 +102,7 @@ async def next_event(
 async def run_exec(channel: Channel, **fields: object) -> tuple[bytes, bytes, protocol.ExecExit]:
     out, err = b"", b""
     async with channel.subscribe() as events:
-        result = await channel.request(protocol.Exec(id=channel.next_id(), **fields))  # type: ignore[arg-type]
+        result = await channel.request(protocol.Exec(id=channel.next_id(), **fields))
         exec_id = result["exec_id"]
         async with asyncio.timeout(15):
             while True:
@@ -251,28 +250,52 @@ async def test_shutdown_exits_cleanly(cli_agent: AgentProcess) -> None:
     assert not cli_agent.socket.exists()
 
 
-async def test_browser_agent_without_login_module_refuses_provider(short_dir: Path) -> None:
-    agent = start_agent(short_dir, "browser")
-    try:
-        channel = await agent.connect()
-        try:
-            if _login_module_exists():
-                pytest.skip("browservm.guest.login exists now; provider_unavailable cannot happen")
-            with pytest.raises(AgentError) as refused:
-                await channel.request(
-                    protocol.Configure(id=channel.next_id(), session_id="s1", provider="codex")
-                )
-            assert refused.value.code == "provider_unavailable"
-            status = await channel.request(protocol.Status(id=channel.next_id()))
-            assert status["services"] == {}, "nothing starts when the configure is refused"
-        finally:
-            with contextlib.suppress(Exception):
-                await channel.close()
-    finally:
-        stop_agent(agent)
-
-
 def _login_module_exists() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("browservm.guest.login") is not None
+
+
+@pytest.mark.browser
+async def test_login_progress_reaches_the_controller_and_a_reconnect_gets_the_snapshot(
+    short_dir: Path,
+) -> None:
+    if not _login_module_exists():
+        pytest.skip("browservm.guest.login is not built yet")
+    agent = start_agent(short_dir, "browser", sandbox_id="sb-login")
+    try:
+        channel = await agent.connect()
+        async with channel.subscribe() as events:
+            # The demo provider without its 'issuer' option cannot start: the failure must reach the
+            # controller as a LoginState, not vanish in the agent's log.
+            await channel.request(
+                protocol.Configure(
+                    id=channel.next_id(),
+                    session_id="s1",
+                    provider="demo",
+                    screen=protocol.ScreenConfig(width=640, height=480, fps=5),
+                )
+            )
+            failed = await next_event(events, protocol.LoginState, timeout_s=20)
+        assert isinstance(failed, protocol.LoginState)
+        assert failed.state == "failed"
+        assert "issuer" in failed.detail
+        await channel.close()
+
+        again = await agent.connect()
+        try:
+            snapshot: list[BaseModel] = []
+            async with again.subscribe() as events:
+                status = await again.request(protocol.Status(id=again.next_id()))
+                while not events.empty():
+                    event = events.get_nowait()
+                    assert event is not None
+                    snapshot.append(event)
+            services = {e.service for e in snapshot if isinstance(e, protocol.ServiceState)}
+            assert {"xvfb", "chromium", "vnc", "streamer"} <= services
+            assert [e.state for e in snapshot if isinstance(e, protocol.LoginState)] == ["failed"]
+            assert status["login"]["state"] == "failed"
+        finally:
+            await again.close()
+    finally:
+        stop_agent(agent)

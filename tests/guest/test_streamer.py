@@ -177,12 +177,12 @@ class ViewerPeer:
         assert reply.ok, reply.error
         assert reply.result["type"] == "answer"
         await self.pc.setRemoteDescription(RTCSessionDescription(**reply.result))
-        await asyncio.wait_for(self.got_track.wait(), 10)
+        await asyncio.wait_for(self.got_track.wait(), 20)
         await self.frame()
         return time.monotonic() - started
 
     async def frame(self) -> Any:
-        return await asyncio.wait_for(self.track.recv(), 10)
+        return await asyncio.wait_for(self.track.recv(), 20)
 
     async def send(self, message: dict[str, Any]) -> None:
         await asyncio.wait_for(self.opened.wait(), 10)
@@ -319,6 +319,19 @@ async def test_second_offer_for_a_peer_replaces_it(channel: Channel) -> None:
         assert not bad.ok
         assert bad.error is not None
         assert bad.error.code == "unknown_peer"
+        # a trickled candidate (here one of the viewer's own, already in its offer) is applied
+        line = next(
+            line[2:]
+            for line in second.pc.localDescription.sdp.splitlines()
+            if line.startswith("a=candidate:")
+        )
+        trickled = await channel.request(
+            protocol.Signal,
+            peer_id="same",
+            kind="candidate",
+            candidate={"candidate": line, "sdpMid": "0", "sdpMLineIndex": 0},
+        )
+        assert trickled.ok, trickled.error
         end = await channel.request(protocol.Signal, peer_id="same", kind="candidate", candidate=None)
         assert end.ok  # end-of-candidates is accepted
     finally:

@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from browservm import protocol
 from browservm.sandbox.base import Liveness, SandboxError, SandboxHandle, SandboxSpec
-from browservm.sandbox.channel import Channel
+from browservm.sandbox.channel import AgentError, Channel
 from browservm.sandbox.process import MARKER_ENV, ProcessBackend
 
 BOOT_S = 20.0
@@ -100,7 +100,7 @@ async def wait_state(
 async def page_url(devtools_port: int) -> str:
     async with httpx.AsyncClient() as client:
         targets = (await client.get(f"http://127.0.0.1:{devtools_port}/json/list")).json()
-    return next(t["url"] for t in targets if t["type"] == "page")
+    return str(next(t["url"] for t in targets if t["type"] == "page"))
 
 
 async def eventually_page_url(channel: Channel, expected: str) -> None:
@@ -150,7 +150,20 @@ async def test_browser_sandbox_shows_the_page_survives_a_chromium_crash_and_is_d
                 banner = await stream.read()
             assert banner is not None
             assert banner.startswith(b"RFB 003.00")
+            # Both ways: our version goes in, x11vnc's security types (just "None": -nopw) come out.
+            await stream.write(b"RFB 003.008\n")
+            async with asyncio.timeout(5):
+                security = await stream.read()
+            assert security == b"\x01\x01"
             await stream.close()
+
+            # Signaling is relayed to the streamer and its answer mapped back to this request.
+            if not any(s.service == "streamer" and s.state == "ready" for s in seen):
+                await wait_state(events, "streamer", "ready", seen)
+            with pytest.raises(AgentError) as refused:
+                await channel.request(protocol.Signal(id=channel.next_id(), peer_id="viewer-1", kind="offer"))
+            assert refused.value.code == "bad_request"
+            assert "sdp" in refused.value.message
 
             before = await channel.request(protocol.Status(id=channel.next_id()))
             assert before["services"]["chromium"]["restarts"] == 0, before["services"]["chromium"]
@@ -263,3 +276,79 @@ async def test_readiness_reports_what_this_host_can_run(backend: ProcessBackend)
     readiness = await backend.readiness()
     assert readiness.ready, readiness.detail
     assert ("bubblewrap" in readiness.detail) is backend.bwrap_usable()
+
+
+async def evaluate_in_page(devtools_port: int, expression: str) -> object:
+    """Run JavaScript in the sandbox's page, as the user's clicks and typing would act on it."""
+    import json
+
+    import websockets.asyncio.client
+
+    async with httpx.AsyncClient() as client:
+        targets = (await client.get(f"http://127.0.0.1:{devtools_port}/json/list")).json()
+    page = next(t for t in targets if t["type"] == "page")
+    async with websockets.asyncio.client.connect(page["webSocketDebuggerUrl"], max_size=None) as ws:
+        await ws.send(
+            json.dumps({"id": 1, "method": "Runtime.evaluate", "params": {"expression": expression}})
+        )
+        while True:
+            message = json.loads(await ws.recv())
+            if message.get("id") == 1:
+                return message["result"]["result"].get("value")
+
+
+@pytest.mark.browser
+async def test_demo_login_through_the_sandbox_browser_delivers_credentials(backend: ProcessBackend) -> None:
+    from tests.demo.oauth_server import demo_oauth_server
+
+    handle = await backend.create(SandboxSpec(sandbox_id="login1", role="browser"))
+    channel = await backend.connect(handle, timeout_s=BOOT_S)
+    try:
+        with demo_oauth_server() as issuer:
+            async with channel.subscribe() as events:
+                await channel.request(
+                    protocol.Configure(
+                        id=channel.next_id(),
+                        session_id="s-login",
+                        provider="demo",
+                        provider_options={"issuer": issuer},
+                        screen=protocol.ScreenConfig(width=800, height=600, fps=5),
+                    )
+                )
+                async with asyncio.timeout(BOOT_S):
+                    while True:
+                        event = await events.get()
+                        assert event is not None
+                        if isinstance(event, protocol.LoginState):
+                            assert event.state != "failed", event.detail
+                            if event.state == "awaiting_user":
+                                break
+                assert event.url is not None
+                assert event.url.startswith(f"{issuer}/authorize?")
+                await eventually_page_url(channel, event.url)
+
+                # The user signs in on the page the sandbox's Chromium shows.
+                status = await channel.request(protocol.Status(id=channel.next_id()))
+                submitted = await evaluate_in_page(
+                    status["devtools_port"],
+                    "document.getElementById('email').value = 'ada@example.com';"
+                    "document.getElementById('password').value = 'demo';"
+                    "document.querySelector('form').submit(); 'sent'",
+                )
+                assert submitted == "sent"
+                async with asyncio.timeout(BOOT_S):
+                    while True:
+                        event = await events.get()
+                        assert event is not None
+                        if isinstance(event, protocol.LoginState) and event.state != "awaiting_user":
+                            break
+                assert event.state == "credentials_ready", event.detail
+                assert event.account.get("email") == "ada@example.com"
+
+            result = await channel.request(protocol.CollectCredentials(id=channel.next_id()))
+            files = [protocol.FileBlob(**blob) for blob in result["files"]]
+            assert [blob.path for blob in files] == [".browservm-demo/credentials.json"]
+            assert files[0].mode == 0o600
+    finally:
+        await channel.close()
+        await backend.destroy(handle)

@@ -77,7 +77,10 @@ async def guest_inputs(bed: ViewerBed, predicate: Any, timeout_s: float = 5) -> 
 async def test_viewer_streams_and_sends_mapped_clicks_and_keys(
     browser_context: BrowserContext, bed: ViewerBed
 ) -> None:
-    page = await open_viewer(browser_context, bed)
+    page = await browser_context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    await page.goto(f"{bed.url}/view/{bed.session_id}?token={bed.token}")
     state = await wait_streaming(page, "webrtc")
     assert state["frames"] > 0
     assert (state["remoteWidth"], state["remoteHeight"]) == (320, 240)
@@ -126,6 +129,7 @@ async def test_viewer_streams_and_sends_mapped_clicks_and_keys(
     async with asyncio.timeout(5):
         while "direct" not in (await page.locator(".bvm-stats").text_content() or ""):
             await asyncio.sleep(0.2)
+    assert errors == []
 
 
 async def test_viewer_recovers_when_the_streamer_drops_it(

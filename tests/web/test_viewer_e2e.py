@@ -24,8 +24,12 @@ async def controller(tmp_path: Path) -> AsyncIterator[Controller]:
         yield running
 
 
-CENTRE_PIXEL = """(canvas) => Array.from(canvas.getContext('2d')
-    .getImageData(canvas.width / 2, canvas.height / 2, 1, 1).data.slice(0, 3))"""
+# The sign-in page is a white card (centre) on a #f4f5f7 background (corner); about:blank is all white.
+FORM_SHOWN = """(canvas) => {
+    const pixel = (x, y) => Array.from(canvas.getContext('2d').getImageData(x, y, 1, 1).data.slice(0, 3));
+    return pixel(canvas.width / 2, canvas.height / 2).join() === '255,255,255'
+        && pixel(5, 5).join() === '244,245,247';
+}"""
 
 
 async def viewer_status(page: Page) -> dict[str, Any]:
@@ -52,20 +56,25 @@ async def test_user_signs_in_through_the_vnc_viewer(
     await canvas.wait_for()
     box = await canvas.bounding_box()
     assert box is not None
-    # Wait until the user can see the sign-in form: the white card in the middle of the remote screen.
+    # Wait until the user can see the sign-in form (the session says awaiting_user a little earlier).
     async with asyncio.timeout(20):
-        while await canvas.evaluate(CENTRE_PIXEL) != [255, 255, 255]:
+        while not await canvas.evaluate(FORM_SHOWN):
             await asyncio.sleep(0.2)
 
-    # Click the page background (top-left corner, outside the centred form), then sign in by keyboard:
-    # Tab to the email field, Tab to the password, Enter submits. Every key crosses the VNC bridge.
-    await page.mouse.click(box["x"] + 10, box["y"] + box["height"] - 10)
+    # Click the page background above the centred form (Chromium starts sequential focus navigation at
+    # the click point), then sign in by keyboard: Tab to the email field, Tab to the password, Enter
+    # submits. Every click and key crosses the VNC bridge.
+    await page.mouse.click(box["x"] + 10, box["y"] + 10)
     await page.keyboard.press("Tab")
     await page.keyboard.type("viewer@example.test")
     await page.keyboard.press("Tab")
     await page.keyboard.type("demo")
     await page.keyboard.press("Enter")
 
-    done = await controller.wait_status(created["id"], "completed", "failed", timeout_s=60)
+    try:
+        done = await controller.wait_status(created["id"], "completed", "failed", timeout_s=30)
+    except AssertionError:
+        await page.screenshot(path="/tmp/bvm-e2e-failure.png")
+        raise
     assert done["status"] == "completed", done
     assert done["account"].get("email") == "viewer@example.test"

@@ -47,6 +47,8 @@ SIGNAL_TIMEOUT_S = 5.0
 MAX_SDP = 64 * 1024
 MAX_WHEP_PEERS_PER_SESSION = 4
 """WHEP peers have no connection whose end we see; past this many, the oldest one is closed."""
+MAX_SOCKETS_PER_SESSION = 4
+"""Each signaling socket costs a peer connection and an encoder in the guest: a few tabs, not a crowd."""
 
 
 class _SessionChannels(Protocol):
@@ -182,6 +184,32 @@ async def signal_socket(websocket: WebSocket, session_id: str) -> None:
     if authorized is None:
         return
     _claims, channel = authorized
+    sockets: dict[str, int] = _state_dict(websocket.app.state, "signal_sockets")
+    if sockets.get(session_id, 0) >= MAX_SOCKETS_PER_SESSION:
+        await _deny(
+            websocket,
+            429,
+            "too_many_viewers",
+            f"this session already has {MAX_SOCKETS_PER_SESSION} viewers connected; close one and retry",
+        )
+        return
+    sockets[session_id] = sockets.get(session_id, 0) + 1
+    try:
+        await _relay_socket(websocket, session_id, channel)
+    finally:
+        sockets[session_id] -= 1
+        if not sockets[session_id]:
+            del sockets[session_id]
+
+
+def _state_dict(app_state: Any, name: str) -> dict[str, int]:
+    if not hasattr(app_state, name):
+        setattr(app_state, name, {})
+    value: dict[str, int] = getattr(app_state, name)
+    return value
+
+
+async def _relay_socket(websocket: WebSocket, session_id: str, channel: Channel) -> None:
     await websocket.accept()
     relay = PeerRelay(channel, _new_peer_id("ws"))
     log.info("signal.open", session_id=session_id, peer_id=relay.peer_id)
@@ -391,6 +419,9 @@ async def whep_post(
         ) from None
     except ChannelClosed:
         raise ApiError(409, "no_sandbox", "the session's sandbox went away", headers=_CORS) from None
+    # Resources of sandboxes that went away are of no use to anyone: forget them.
+    for gone in [p for p in registry.peers.values() if p.relay.channel.closed.is_set()]:
+        registry.peers.pop(gone.relay.peer_id, None)
     existing = registry.of_session(session_id)
     for stale in existing[: max(0, len(existing) - MAX_WHEP_PEERS_PER_SESSION + 1)]:
         registry.peers.pop(stale.relay.peer_id, None)

@@ -15,6 +15,7 @@ const GATHER_TIMEOUT_MS = 2000;
 const DISCONNECTED_GRACE_MS = 2500;
 const RESTART_TIMEOUT_MS = 5000;
 const RECONNECT_DELAYS_MS = [500, 1000, 2000, 4000, 8000];
+const MAX_ATTEMPTS = 12; // about a minute and a half of retrying: by then the session has most likely ended
 
 function wsUrl(base, path) {
   const url = new URL(path, base);
@@ -379,6 +380,10 @@ export class Viewer {
     const delay = RECONNECT_DELAYS_MS[Math.min(this.reconnectAttempt, RECONNECT_DELAYS_MS.length - 1)];
     this.reconnectAttempt += 1;
     this.status.reconnects += 1;
+    if (this.reconnectAttempt > MAX_ATTEMPTS) {
+      this.setState("failed", `${why}; reload to try again`);
+      return;
+    }
     this.setState("reconnecting", `${why}; retry in ${(delay / 1000).toFixed(1)} s`);
     if (this.reconnectAttempt > 3 && this.forceMode !== "webrtc") {
       this.fallBack(`WebRTC kept failing (${why})`);
@@ -615,6 +620,10 @@ export class Viewer {
     rfb.addEventListener("disconnect", (event) => {
       if (generation !== this.generation) return;
       this.rfb = null;
+      if (this.reconnectAttempt >= MAX_ATTEMPTS) {
+        this.setState("failed", "cannot reach the session; it may have ended. Reload to try again");
+        return;
+      }
       const delay = RECONNECT_DELAYS_MS[Math.min(this.reconnectAttempt, RECONNECT_DELAYS_MS.length - 1)];
       this.reconnectAttempt += 1;
       this.status.reconnects += 1;
