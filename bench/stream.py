@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -242,6 +243,7 @@ async def run_case(
                 streamer.wait()
         await chromium.stop()
         xvfb.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 CASES = {

@@ -4,7 +4,8 @@ Two sources produce the same thing, :class:`EncodedFrame` (one access unit of H.
 frame):
 
 * :class:`PixelfluxSource`: pixelflux 2.2.1 (selkies' Rust capture+encode) over XShm with x264 or libvpx.
-  It damage-gates: a still screen produces no frames, and ``request_idr_frame()`` yields a keyframe at once.
+  It runs in streaming mode (every frame encoded at the target rate; see :class:`PixelfluxSource`), and
+  ``request_idr_frame()`` yields a keyframe with the next frame.
 * :class:`X11GrabSource`: the fallback, PyAV's ``x11grab`` input and PyAV's libx264/libvpx encoders on a
   thread, with the settings aiortc's own encoders lack on a small box (x264 ``ultrafast`` and
   ``zerolatency``, VP8 on two threads in realtime mode, bitrate within the stream's bounds).
@@ -39,8 +40,9 @@ Codec = Literal["h264", "vp8"]
 
 VIDEO_CLOCK = 90_000
 VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK)
-IDLE_FPS = 1.0
-"""Capture rate while no viewer watches: keeps the encoder warm at almost no cost."""
+IDLE_FPS = 5.0
+"""Capture rate while no viewer watches: keeps the encoder warm cheaply. Not lower: a viewer that joins
+waits up to one idle interval for its first frame (1 fps gave 450 ms to first frame, 5 fps 50-190 ms)."""
 KEYFRAME_MIN_INTERVAL_S = 0.25
 """Keyframe requests closer together than this are merged (a PLI storm must not become an I-frame storm)."""
 SUBSCRIBER_QUEUE = 8
@@ -234,7 +236,11 @@ class PixelfluxSource(VideoSource):
         settings.keyframe_interval_s = 0.0  # keyframes on demand (viewer joins, PLI)
         settings.video_cbr_mode = True  # so the bitrate can follow the receivers' estimate
         settings.video_bitrate_kbps = self.bitrate_kbps
-        settings.video_reference_frames = 1  # a decoder that buffers fewer frames shows them sooner
+        settings.video_reference_frames = 1
+        # Encode every frame at the target rate. pixelflux's default damage gating (its VNC-style
+        # change detection) was seen to miss page changes that followed injected input, leaving the
+        # viewer on a stale picture; a static screen costs a few kbit/s of empty P-frames instead.
+        settings.video_streaming_mode = True  # a decoder that buffers fewer frames shows them sooner
         settings.auto_adjust_screen_capture_size = False
         settings.debug_logging = False
         capture = pixelflux.ScreenCapture()

@@ -223,6 +223,14 @@ class Streamer:
         while True:
             await asyncio.sleep(WATCHDOG_INTERVAL_S)
             failure = self.source.failure() if self.source else None
+            if self.source is not None:
+                log.debug(
+                    "capture %s: %d frames, %d viewers, %d kbit/s target",
+                    self.source.name,
+                    self.source.frames,
+                    self.source.viewers,
+                    self.source.bitrate_kbps,
+                )
             if failure:
                 log.error("%s", failure)
                 self._set_state("failed", failure)

@@ -208,7 +208,13 @@ class Chromium:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        shutil.rmtree(self.profile, ignore_errors=True)
+        # Chromium's helper processes may still write into the profile for a moment after the browser
+        # exits; remove until it stays gone.
+        for _ in range(20):
+            shutil.rmtree(self.profile, ignore_errors=True)
+            if not os.path.exists(self.profile):
+                break
+            await asyncio.sleep(0.05)
 
 
 def write_page(directory: Path, html: str = PAGE) -> str:
