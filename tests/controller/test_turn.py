@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
 from aiortc.rtcconfiguration import RTCIceTransportPolicy
+from pydantic import ValidationError
 
 from browservm.controller.turn import Coturn, CoturnError, ice_servers, stun_binding, turn_credential
 from browservm.settings import Settings
@@ -127,5 +128,8 @@ def test_serve_runs_coturn_where_the_turn_url_points() -> None:
     turn = Coturn.from_settings(settings)
     assert (turn.listening_ip, turn.port, turn.allow_loopback_peers) == ("127.0.0.1", 3479, True)
     assert turn.urls[0] == "turn:127.0.0.1:3479?transport=udp"
+    # A coturn without a secret is refused as early as the settings.
+    with pytest.raises(ValidationError, match="BROWSERVM_TURN_SECRET"):
+        Settings(run_coturn=True)
     with pytest.raises(CoturnError, match="BROWSERVM_TURN_SECRET"):
-        Coturn.from_settings(Settings(run_coturn=True))
+        Coturn.from_settings(Settings.model_construct(run_coturn=True, turn_secret="", turn_urls=[]))
