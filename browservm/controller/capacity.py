@@ -38,6 +38,17 @@ class Capacity:
             )
         self.promised += 1
 
+    def take_now(self) -> None:
+        """Take a free slot at once, or refuse with 429 (persistent sandboxes do not queue)."""
+        if self.in_use >= self.limit or self._waiters:
+            raise ApiError(
+                429,
+                "capacity_exhausted",
+                f"all {self.limit} sandbox slots of this host are in use; retry later",
+                headers={"Retry-After": "10"},
+            )
+        self.in_use += 1
+
     def take(self) -> None:
         """Count a slot that is already in use (a sandbox adopted after a restart)."""
         self.in_use += 1

@@ -217,6 +217,7 @@ class SessionService:
                 ),
                 stream=protocol.StreamConfig(
                     codec=self.settings.codec,
+                    host_addresses=self.settings.ice_host_addresses,
                     ice_servers=ice_servers(
                         self.settings, session.id, session_expires_at=session.expires_at.timestamp()
                     ),

@@ -74,8 +74,8 @@ async def test_create_answers_at_once_then_cancel_destroys_the_sandbox(controlle
     assert body["expires_at"]
 
     session_id = body["id"]
-    running = await controller.wait_status(session_id, "starting", "awaiting_user")
-    assert running["status"] in ("starting", "awaiting_user")
+    running = await controller.wait_status(session_id, "awaiting_user", "failed")
+    assert running["status"] == "awaiting_user", running["reason"]
     sandbox_dirs = list((controller.settings.state_dir / "sandboxes").iterdir())
     assert len(sandbox_dirs) == 1
 

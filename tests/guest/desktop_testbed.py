@@ -18,18 +18,12 @@ from typing import Any
 import httpx
 import websockets.asyncio.client
 
+from browservm.guest.display import MANDATORY_CHROMIUM_FLAGS
+
 CHROMIUM = next(
     (p for p in ("/usr/lib/chromium/chromium", "/usr/bin/chromium") if shutil.which(p)), "chromium"
 )
-MANDATORY_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+MANDATORY_FLAGS = list(MANDATORY_CHROMIUM_FLAGS)
 
 PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><style>

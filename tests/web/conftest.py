@@ -10,15 +10,11 @@ from pathlib import Path
 import pytest
 from playwright.async_api import BrowserContext, async_playwright
 
+from browservm.guest.display import MANDATORY_CHROMIUM_FLAGS
+
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
+    *MANDATORY_CHROMIUM_FLAGS,
     # A receiving Chromium on a loopback-only test bed needs both (research/streaming.md).
     "--allow-loopback-in-peer-connection",
     "--disable-features=WebRtcHideLocalIpsWithMdns",

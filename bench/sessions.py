@@ -1,0 +1,128 @@
+"""How fast a user gets from "the operator asked for a session" to "signed in", on the process backend.
+
+Starts a real controller (SQLite, process sandboxes) on loopback, then for each round: creates a `demo`
+session, waits until the login page is open in the sandbox's Chromium (`awaiting_user`), signs in by
+typing into that page over DevTools, waits for `completed` (sealed, stored, delivered), and waits until the
+browser sandbox is gone. Prints a table of medians. Not a test: figures depend on the machine.
+
+    .venv/bin/python bench/sessions.py --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import uvicorn
+import websockets
+
+from browservm.controller.app import create_app
+from browservm.settings import Settings
+from browservm.store import api_keys
+from browservm.store.database import Database
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _wait(
+    client: httpx.AsyncClient, session_id: str, *wanted: str, timeout_s: float = 120
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        body: dict[str, Any] = (await client.get(f"/v1/sessions/{session_id}")).json()
+        if body["status"] in wanted:
+            return body
+        await asyncio.sleep(0.02)
+    raise TimeoutError(f"{session_id} never reached {wanted}")
+
+
+async def _sign_in(state_dir: Path, email: str) -> None:
+    profiles = list((state_dir / "sandboxes").glob("*/run/chromium-profile/DevToolsActivePort"))
+    port = int(profiles[0].read_text().split()[0])
+    async with httpx.AsyncClient() as client:
+        while True:
+            pages = [
+                t for t in (await client.get(f"http://127.0.0.1:{port}/json")).json() if t["type"] == "page"
+            ]
+            page = next((p for p in pages if "/demo/oauth/authorize" in p["url"]), None)
+            if page:
+                break
+            await asyncio.sleep(0.05)
+    script = (
+        f"document.querySelector('#email').value={json.dumps(email)};"
+        "document.querySelector('#password').value='demo';"
+        "document.querySelector('button[type=submit]').click(); true"
+    )
+    async with websockets.connect(page["webSocketDebuggerUrl"], max_size=None) as ws:
+        await ws.send(json.dumps({"id": 1, "method": "Runtime.evaluate", "params": {"expression": script}}))
+        while json.loads(await ws.recv()).get("id") != 1:
+            pass
+
+
+async def main(rounds: int) -> None:
+    state_dir = Path(tempfile.mkdtemp(prefix="bvm-bench-"))
+    port = _free_port()
+    settings = Settings(
+        state_dir=state_dir, port=port, log_level="warning", log_json=False, reconcile_interval_s=5
+    )
+    db = Database(settings.effective_database_url)
+    await db.migrate()
+    async with db.session() as s:
+        _key, secret = await api_keys.create(s, name="bench")
+    await db.close()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None)
+    )
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.02)
+    rows: dict[str, list[float]] = {k: [] for k in ("create", "awaiting_user", "completed", "destroyed")}
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {secret}"}, timeout=30
+    ) as client:
+        await client.post("/v1/users/bench/cli-vm")
+        for n in range(rounds):
+            start = time.perf_counter()
+            created = (
+                await client.post("/v1/sessions", json={"user_id": "bench", "provider": "demo"})
+            ).json()
+            rows["create"].append(time.perf_counter() - start)
+            await _wait(client, created["id"], "awaiting_user")
+            rows["awaiting_user"].append(time.perf_counter() - start)
+            await _sign_in(state_dir, f"user{n}@example.com")
+            done = await _wait(client, created["id"], "completed", "failed")
+            assert done["status"] == "completed", done
+            rows["completed"].append(time.perf_counter() - start)
+            while list((state_dir / "sandboxes").glob("*/run/chromium-profile")):
+                await asyncio.sleep(0.02)
+            rows["destroyed"].append(time.perf_counter() - start)
+        rss = psutil.Process().memory_info().rss / 2**20
+        await client.delete("/v1/users/bench/cli-vm")
+    server.should_exit = True
+    await task
+    print(f"{rounds} rounds, process backend, SQLite; seconds from POST /v1/sessions (median, min-max)")
+    print(f"{'step':<16} {'median':>8} {'min':>8} {'max':>8}")
+    for name, values in rows.items():
+        print(f"{name:<16} {statistics.median(values):>8.3f} {min(values):>8.3f} {max(values):>8.3f}")
+    print(f"controller RSS after the rounds: {rss:.0f} MiB")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=5)
+    asyncio.run(main(parser.parse_args().rounds))

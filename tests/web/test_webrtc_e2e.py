@@ -1,0 +1,163 @@
+"""WebRTC through the whole real stack: Playwright Chromium → viewer page → controller signaling (WebSocket
+and WHEP) → guest agent → the real streamer in a real process sandbox, all inside a network namespace
+this test creates, where loopback is the only network.
+
+The scenario runs once per module (:mod:`tests.web.netns_driver`, one ``demo`` session; starting a
+sandbox and two Chromiums is most of the cost) and each test checks one thing a user would notice.
+The namespace and every process in it are removed afterwards, whatever happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+DRIVER_TIMEOUT_S = 150
+EMAIL = "netns-e2e@example.test"
+
+
+def ip(*args: str) -> None:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)} failed: {result.stderr.strip()}")
+
+
+def namespace_pids(namespace: str) -> list[int]:
+    result = subprocess.run(
+        ["ip", "netns", "pids", namespace], capture_output=True, text=True, timeout=10, check=False
+    )
+    return [int(pid) for pid in result.stdout.split()]
+
+
+def kill_namespace(namespace: str) -> None:
+    """SIGKILL every process in the namespace (sandboxes start their own sessions), then delete it."""
+    deadline = time.monotonic() + 10
+    while (pids := namespace_pids(namespace)) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    ip("netns", "del", namespace)
+
+
+@pytest.fixture(scope="module")
+def namespace() -> Iterator[str]:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 to create a network namespace")
+    name = f"bvm-e2e-{secrets.token_hex(4)}"
+    ip("netns", "add", name)
+    try:
+        ip("-n", name, "link", "set", "lo", "up")
+        # aioice skips exactly 127.0.0.1 by itself; the streamer is told to use it (ice_host_addresses),
+        # and 127.0.0.2 is there as in every loopback test bed (research/streaming.md).
+        ip("-n", name, "addr", "add", "127.0.0.2/8", "dev", "lo")
+        yield name
+    finally:
+        kill_namespace(name)
+
+
+@pytest.fixture(scope="module")
+def results(namespace: str) -> Iterator[dict[str, Any]]:
+    # Short: unix socket paths under it are limited to 107 bytes.
+    state_dir = Path(tempfile.mkdtemp(prefix="bvm-"))
+    out = state_dir.with_name(state_dir.name + "-results.json")
+    log = state_dir.with_name(state_dir.name + "-driver.log")
+    try:
+        with log.open("wb") as log_file:
+            driver = subprocess.Popen(
+                [
+                    "ip", "netns", "exec", namespace,
+                    sys.executable, "-m", "tests.web.netns_driver",
+                    "--state-dir", str(state_dir),
+                    "--out", str(out),
+                ],
+                cwd=ROOT,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+            try:
+                driver.wait(DRIVER_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(driver.pid, signal.SIGKILL)
+                driver.wait()
+        data: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {"steps_done": []}
+        data["driver_exit"] = driver.returncode
+        data["driver_log"] = log.read_text(errors="replace")[-6000:]
+        yield data
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
+        out.unlink(missing_ok=True)
+        log.unlink(missing_ok=True)
+
+
+def step(results: dict[str, Any], name: str) -> dict[str, Any]:
+    """The step's results, or a failure that says why the driver never got there."""
+    if name not in results:
+        error = results.get("error") or {}
+        detail = json.dumps({k: v for k, v in error.items() if k != "traceback"}, indent=1)[-5000:]
+        pytest.fail(
+            f"the driver did not complete step {name!r} (done: {results['steps_done']}, exit "
+            f"{results['driver_exit']}):\n{error.get('traceback', '')}\n{detail}\n{results['driver_log']}"
+        )
+    value: dict[str, Any] = results[name]
+    return value
+
+
+def test_viewer_gets_webrtc_video_of_the_remote_page_on_a_direct_path(results: dict[str, Any]) -> None:
+    video = step(results, "video")
+    assert video["mode"] == "webrtc" and video["state"] == "streaming", video
+    assert video["remote_size"] == [1280, 720]
+    assert video["stats"]["path"] == "direct" and "direct" in video["overlay"], video
+    # The streamer gathered on 127.0.0.1 (which aioice skips unless told), and nothing left loopback.
+    pair = video["selected_pair"]
+    assert pair["remote"]["address"] == "127.0.0.1", pair
+    assert pair["local"]["address"].startswith("127."), pair
+
+
+def test_clicks_and_typing_in_the_viewer_reach_the_remote_page(results: dict[str, Any]) -> None:
+    typed = step(results, "input")
+    assert typed["focused"] == "email"
+    assert typed["email_value"] == EMAIL
+
+
+def test_whep_viewer_gets_video_from_the_real_streamer(results: dict[str, Any]) -> None:
+    whep = step(results, "whep")
+    assert whep["mode"] == "webrtc" and whep["state"] == "streaming", whep
+    assert whep["frames"] > 0
+    assert whep["selected_pair"]["remote"]["address"] == "127.0.0.1", whep
+
+
+def test_viewer_recovers_without_reload_when_the_streamer_is_killed(results: dict[str, Any]) -> None:
+    recovery = step(results, "recovery")
+    assert recovery["new_pid"] is not None and recovery["new_pid"] != recovery["killed_pid"], recovery
+    assert recovery["same_page"] is True
+    assert recovery["mode"] == "webrtc" and recovery["state"] == "streaming", recovery
+    assert recovery["frames"] >= 10
+
+
+def test_user_signs_in_through_the_webrtc_viewer(results: dict[str, Any]) -> None:
+    signin = step(results, "signin")
+    assert signin["status"] == "completed", signin
+    assert signin["account"]["email"] == EMAIL
+
+
+def test_nothing_is_left_running(results: dict[str, Any], namespace: str) -> None:
+    assert results["driver_exit"] == 0, results["driver_log"]
+    assert namespace_pids(namespace) == [], "processes outlived the driver in the namespace"
