@@ -11,11 +11,13 @@ import asyncio
 from collections import deque
 
 from browservm.controller.errors import ApiError
+from browservm.controller.metrics import Metrics
 
 
 class Capacity:
-    def __init__(self, limit: int, max_queued: int) -> None:
+    def __init__(self, limit: int, max_queued: int, metrics: Metrics | None = None) -> None:
         self.limit = limit
+        self.metrics = metrics
         self.max_queued = max_queued
         self.in_use = 0
         self.promised = 0
@@ -29,6 +31,7 @@ class Capacity:
     def promise(self) -> None:
         """Accept one more session, or refuse it with 429 when every slot and queue place is taken."""
         if self.in_use + self.promised >= self.limit + self.max_queued:
+            self._count_refusal()
             raise ApiError(
                 429,
                 "capacity_exhausted",
@@ -41,6 +44,7 @@ class Capacity:
     def take_now(self) -> None:
         """Take a free slot at once, or refuse with 429 (persistent sandboxes do not queue)."""
         if self.in_use >= self.limit or self._waiters:
+            self._count_refusal()
             raise ApiError(
                 429,
                 "capacity_exhausted",
@@ -48,6 +52,10 @@ class Capacity:
                 headers={"Retry-After": "10"},
             )
         self.in_use += 1
+
+    def _count_refusal(self) -> None:
+        if self.metrics is not None:
+            self.metrics.refused.inc()
 
     def take(self) -> None:
         """Count a slot that is already in use (a sandbox adopted after a restart)."""

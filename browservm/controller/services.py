@@ -53,7 +53,7 @@ class Services:
         backend = backend or make_backend(settings)
         metrics = metrics or Metrics()
         notifier = Notifier()
-        capacity = Capacity(settings.max_sandboxes, settings.max_queued_sessions)
+        capacity = Capacity(settings.max_sandboxes, settings.max_queued_sessions, metrics)
         vault = Vault.from_settings(settings)
         sandboxes = SandboxService(
             backend, db, metrics, notifier, boot_timeout_s=settings.sandbox_boot_timeout_s

@@ -144,6 +144,8 @@ async def test_capacity_is_bounded_and_overflow_is_refused_with_a_reason(
         assert refused.status_code == 429
         assert refused.json()["error"]["code"] == "capacity_exhausted"
         assert refused.headers["retry-after"]
+        metrics = (await client.get("/metrics")).text
+        assert "browservm_sessions_refused_total 1.0" in metrics
 
         await controller.wait_status(first["id"], "starting", "awaiting_user")
         # The second waits its turn: no sandbox for it while the first holds the only slot.
