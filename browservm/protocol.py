@@ -99,6 +99,10 @@ class StreamConfig(_Model):
     min_bitrate_kbps: int = Field(300, ge=50)
     max_bitrate_kbps: int = Field(6000, ge=100)
     ice_servers: list[IceServer] = Field(default_factory=list)
+    host_addresses: list[str] = Field(default_factory=list)
+    """Addresses the streamer gathers ICE host candidates on; empty: every interface (aioice's own
+    choice). Loopback-only test beds set e.g. ``["127.0.0.1"]``; when every address is loopback, the
+    streamer also ignores non-loopback remote candidates and ICE servers, so no packet leaves loopback."""
 
 
 class FileBlob(_Model):

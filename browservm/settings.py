@@ -6,6 +6,7 @@ Sources, highest first: ``BROWSERVM_*`` environment variables, then the TOML fil
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
@@ -84,6 +85,10 @@ class Settings(BaseSettings):
     turn_secret: str = ""
     """coturn ``static-auth-secret`` (``use-auth-secret``): credentials are HMAC-SHA1 over ``expiry:user``."""
     turn_ttl_s: int = Field(3600, ge=60)
+    ice_host_addresses: list[str] = Field(default_factory=list)
+    """Addresses guest streamers gather ICE host candidates on (``BROWSERVM_ICE_HOST_ADDRESSES``, JSON list);
+    empty: every interface. Loopback-only test beds set ``["127.0.0.1"]`` (aioice skips 127.0.0.1 unless
+    told), which also makes the streamer ignore non-loopback candidates and ICE servers."""
     run_coturn: bool = False
     """``browservm serve`` starts a local coturn with ``turn_secret`` (development and tests)."""
     viewer_frame_ancestors: str = "*"
@@ -116,6 +121,16 @@ class Settings(BaseSettings):
                 "must start with sqlite+aiosqlite:// or postgresql+asyncpg:// "
                 "(e.g. postgresql+asyncpg://browservm:secret@127.0.0.1/browservm)"
             )
+        return value
+
+    @field_validator("ice_host_addresses")
+    @classmethod
+    def _ip_addresses(cls, value: list[str]) -> list[str]:
+        for address in value:
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise ValueError(f'{address!r} is not an IP address (e.g. ["127.0.0.1"])') from None
         return value
 
     @model_validator(mode="after")

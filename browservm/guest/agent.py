@@ -46,6 +46,8 @@ log = structlog.get_logger(__name__)
 AGENT_VERSION = "0.1.0"
 STREAMER_CONNECT_S = 15.0
 SIGNAL_TIMEOUT_S = 15.0
+STREAMER_RESTART_WAIT_S = 10.0
+"""How long an offer waits for a (re)starting streamer; the controller gives an offer 20 s in all."""
 LOGIN_DISPLAY_WAIT_S = 60.0
 STREAM_BACKLOG = 32
 """Outgoing frames queued before a VNC pump waits for the controller to catch up."""
@@ -120,6 +122,8 @@ class StreamerLink:
         self._pending: dict[int, asyncio.Future[protocol.Reply]] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
+        self.peers: set[str] = set()
+        """Viewers the streamer answered and has not closed: told ``closed`` if the streamer goes away."""
 
     async def connect(self, path: Path, timeout_s: float) -> None:
         """Connect, retrying until the streamer has created its socket (bounded by ``timeout_s``)."""
@@ -146,6 +150,8 @@ class StreamerLink:
                     if message.state == "ready":
                         self.ready.set()
                 elif isinstance(message, protocol.SignalEvent):
+                    if message.kind == "closed":
+                        self.peers.discard(message.peer_id)
                     self.emit(message)
         except (protocol.ProtocolError, ConnectionError) as exc:
             log.warning("streamer.link_broken", error=str(exc))
@@ -154,6 +160,12 @@ class StreamerLink:
             for future in self._pending.values():
                 if not future.done():
                     future.set_exception(RequestError("streamer_unavailable", "the streamer went away"))
+            # Their peer connections died with the streamer. Without this notice a viewer learns it
+            # only from ICE timing out (about 5 s), then tries an ICE restart that brings the video back
+            # from the restarted streamer but not the data channel: input would be lost.
+            for peer_id in sorted(self.peers):
+                self.emit(protocol.SignalEvent(peer_id=peer_id, kind="closed"))
+            self.peers.clear()
             self.on_lost()
 
     async def signal(self, request: protocol.Signal) -> dict[str, Any]:
@@ -173,6 +185,10 @@ class StreamerLink:
         if not reply.ok:
             error = reply.error or protocol.ErrorBody(code="streamer_error", message="no error body")
             raise RequestError(error.code, error.message)
+        if request.kind == "offer":
+            self.peers.add(request.peer_id)
+        elif request.kind == "close":
+            self.peers.discard(request.peer_id)
         return reply.result
 
     async def close(self) -> None:
@@ -241,6 +257,8 @@ class StreamerService(Service):
             "--ice-servers",
             json.dumps(ice),
         ]
+        if self.stream.host_addresses:
+            argv += ["--host-addresses", ",".join(self.stream.host_addresses)]
         self._process = await spawn(argv, env={**self.env, "DISPLAY": self.xvfb.display}, log_to=log_to)
         return self._process
 
@@ -606,6 +624,16 @@ class Agent:
         return {"url": request.url}
 
     async def _signal(self, connection: _Connection, request: protocol.Signal) -> dict[str, Any]:
+        streamer_status = self.supervisor.statuses().get("streamer")
+        if (
+            request.kind == "offer"
+            and streamer_status
+            and streamer_status.state in ("starting", "restarting")
+        ):
+            # A viewer reconnecting after a streamer crash waits for the restart instead of
+            # getting an error that counts as a failed attempt and may push it to VNC.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.supervisor.wait_ready("streamer"), STREAMER_RESTART_WAIT_S)
         if self.streamer is None or self.streamer.link is None:
             raise RequestError("streamer_unavailable", "the streamer is not ready; retry or use VNC")
         return await self.streamer.link.signal(request)

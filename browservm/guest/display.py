@@ -32,10 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import structlog
 import websockets.asyncio.client
 
 from browservm import protocol
 from browservm.guest.supervisor import Service, ServiceLog, ServiceNotReady, ServiceUnavailable, spawn
+
+log = structlog.get_logger(__name__)
 
 MANDATORY_CHROMIUM_FLAGS = (
     "--no-sandbox",
@@ -53,6 +56,10 @@ CHROMIUM_CANDIDATES = ("/usr/lib/chromium/chromium", "/usr/bin/chromium", "chrom
 # pid is the browser's own, so a kill of that pid is a kill of the browser.
 
 POLL_S = 0.05
+PAGE_LOAD_WAIT_S = 10.0
+"""How long open_url waits for a page's load event before it reports the page open anyway."""
+CHROMIUM_WAIT_S = 30.0
+"""How long open_url waits for a starting or restarting Chromium (its own ready timeout)."""
 
 
 def find_chromium() -> str | None:
@@ -178,6 +185,10 @@ class ChromiumService(Service):
         """The page Chromium shows; reopened after a restart."""
         self.devtools_port: int | None = None
         self._launched_url = self.url
+        self._shown_url: str | None = None
+        """The URL last navigated to (and loaded, or given up on) in the running Chromium."""
+        self._ready = asyncio.Event()
+        """Set while Chromium runs, answers DevTools and shows :attr:`url`."""
         self._ids = itertools.count(1)
 
     def argv(self, binary: str) -> list[str]:
@@ -218,7 +229,8 @@ class ChromiumService(Service):
             with contextlib.suppress(FileNotFoundError):
                 (self.profile_dir / stale).unlink()
         env = {**self.env, "DISPLAY": self.xvfb.display}
-        self._launched_url = self.url
+        self._ready.clear()
+        self._launched_url = self._shown_url = self.url
         return await spawn(self.argv(binary), env=env, log_to=log_to)
 
     async def wait_ready(self, process: asyncio.subprocess.Process) -> None:
@@ -240,20 +252,33 @@ class ChromiumService(Service):
                     pass
                 await asyncio.sleep(POLL_S)
         self.devtools_port = port
-        if self.url != self._launched_url:
+        if self.url != self._shown_url:
             # open_url arrived while this Chromium was starting: show that page, not the launch one.
-            await self.open_url(self.url)
+            await self._navigate(self.url)
+        self._ready.set()
 
     async def exited(self) -> None:
+        self._ready.clear()
         self.devtools_port = None
 
     async def open_url(self, url: str) -> None:
-        """Show ``url``; if Chromium is down now, it opens there when it comes back."""
+        """Show ``url`` and return once its page has loaded (or after :data:`PAGE_LOAD_WAIT_S`).
+
+        Callers report the page as on screen when this returns (the login runner's ``awaiting_user``), so
+        it waits for the load event, not just the navigation's commit. If Chromium is starting or
+        restarting, it waits for it (at most :data:`CHROMIUM_WAIT_S`); if Chromium stays down, the URL
+        is remembered and opened when it comes back.
+        """
         self.url = url
-        if self.devtools_port is None:
-            return
-        target = await self._page_target()
-        await self._call(target, "Page.navigate", {"url": url})
+        if not self._ready.is_set():
+            try:
+                await asyncio.wait_for(self._ready.wait(), CHROMIUM_WAIT_S)
+            except TimeoutError:
+                log.warning("chromium.down_on_open_url", url=url, waited_s=CHROMIUM_WAIT_S)
+                return
+            if self._shown_url == url:
+                return  # the restarted Chromium opened it while coming up
+        await self._navigate(url)
 
     async def current_url(self) -> str:
         """The URL of the page target, as DevTools reports it."""
@@ -268,19 +293,45 @@ class ChromiumService(Service):
         page: dict[str, Any] = pages[0]
         return page
 
-    async def _call(self, target: dict[str, Any], method: str, params: dict[str, Any]) -> dict[str, Any]:
-        call_id = next(self._ids)
+    async def _navigate(self, url: str) -> None:
+        """Navigate the page target to ``url`` and wait (bounded) for that document's load event."""
+        target = await self._page_target()
+        loaded: set[str] = set()
+        """Loader ids whose document fired ``load``: the event can arrive before the navigate reply."""
         async with websockets.asyncio.client.connect(
             target["webSocketDebuggerUrl"], max_size=None, open_timeout=5
         ) as ws:
-            await ws.send(json.dumps({"id": call_id, "method": method, "params": params}))
-            while True:
-                message = json.loads(await asyncio.wait_for(ws.recv(), 10))
-                if message.get("id") == call_id:
-                    break
-        if "error" in message:
-            raise RuntimeError(f"DevTools {method} failed: {message['error'].get('message')}")
-        result: dict[str, Any] = message.get("result", {})
-        if method == "Page.navigate" and result.get("errorText"):
-            raise RuntimeError(f"Chromium could not open the page: {result['errorText']}")
-        return result
+
+            async def receive() -> dict[str, Any]:
+                message: dict[str, Any] = json.loads(await ws.recv())
+                if message.get("method") == "Page.lifecycleEvent" and message["params"].get("name") == "load":
+                    loaded.add(message["params"].get("loaderId"))
+                return message
+
+            async def call(method: str, params: dict[str, Any]) -> dict[str, Any]:
+                call_id = next(self._ids)
+                await ws.send(json.dumps({"id": call_id, "method": method, "params": params}))
+                async with asyncio.timeout(10):
+                    while (message := await receive()).get("id") != call_id:
+                        pass
+                if "error" in message:
+                    raise RuntimeError(f"DevTools {method} failed: {message['error'].get('message')}")
+                result: dict[str, Any] = message.get("result", {})
+                return result
+
+            await call("Page.enable", {})
+            await call("Page.setLifecycleEventsEnabled", {"enabled": True})
+            result = await call("Page.navigate", {"url": url})
+            if result.get("errorText"):
+                raise RuntimeError(f"Chromium could not open the page: {result['errorText']}")
+            self._shown_url = url
+            loader = result.get("loaderId")
+            if loader is None:
+                return  # a same-document navigation (a fragment): nothing more loads
+            try:
+                async with asyncio.timeout(PAGE_LOAD_WAIT_S):
+                    while loader not in loaded:
+                        await receive()
+            except TimeoutError:
+                # A slow subresource must not hold the sign-in up: the document itself is on screen.
+                log.warning("chromium.page_load_slow", url=url, waited_s=PAGE_LOAD_WAIT_S)

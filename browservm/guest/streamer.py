@@ -6,6 +6,10 @@ Run::
         --codec h264|vp8 --min-kbps A --max-kbps B --ice-servers JSON [--host-addresses 127.0.0.1] \\
         [--capture auto|pixelflux|x11grab]
 
+``--host-addresses`` makes ICE gather host candidates on exactly those addresses. When all of them are
+loopback, the streamer also ignores remote candidates (in the offer and trickled) and ICE servers that are
+not on loopback, so a loopback-only test bed never sends a packet elsewhere.
+
 It listens on the unix socket ``PATH`` and speaks :mod:`browservm.protocol` frames. On every connection
 it first sends ``ServiceState(service="streamer")``: ``starting`` until a first encoded frame exists, then
 ``ready`` (also pushed to every connection when it turns ready), or ``failed`` with the reason.
@@ -36,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -105,6 +110,49 @@ def restrict_host_addresses(addresses: list[str]) -> None:
     aioice.ice.get_host_addresses = host_addresses
 
 
+def is_loopback_only(addresses: list[str]) -> bool:
+    """Whether ``addresses`` is a non-empty list of loopback addresses (a loopback-only test bed)."""
+    try:
+        return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
+    except ValueError:
+        return False
+
+
+def is_loopback_candidate(line: str) -> bool:
+    """Whether an ICE candidate line (``candidate:f 1 udp prio ADDRESS port typ ...``) names a loopback IP.
+
+    An mDNS name (``*.local``) counts as not loopback: resolving it would send multicast off loopback.
+    """
+    parts = line.removeprefix("a=").split()
+    if len(parts) < 6:
+        return False
+    try:
+        return ipaddress.ip_address(parts[4]).is_loopback
+    except ValueError:
+        return False
+
+
+def drop_non_loopback_candidates(sdp: str) -> str:
+    """``sdp`` without the ``a=candidate`` lines that name a non-loopback address."""
+    lines = sdp.split("\r\n")
+    kept = [line for line in lines if not line.startswith("a=candidate:") or is_loopback_candidate(line)]
+    return "\r\n".join(kept)
+
+
+def is_loopback_ice_server(server: protocol.IceServer) -> bool:
+    """Whether every URL of ``server`` (``stun:``/``turn:``/``turns:`` ``host[:port][?…]``) is on loopback."""
+    for url in server.urls:
+        rest = url.split(":", 1)[-1].split("?", 1)[0]
+        host = rest[1:].split("]", 1)[0] if rest.startswith("[") else rest.rsplit(":", 1)[0]
+        if host != "localhost":
+            try:
+                if not ipaddress.ip_address(host).is_loopback:
+                    return False
+            except ValueError:
+                return False
+    return True
+
+
 @dataclass
 class Viewer:
     peer_id: str
@@ -130,6 +178,17 @@ class Streamer:
         self._clipboard: ClipboardBridge | None = None
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.loopback_only = is_loopback_only(options.host_addresses)
+        """Restricted to loopback: remote candidates and ICE servers elsewhere are ignored, so that no
+        packet leaves loopback (test beds whose rules forbid any other traffic)."""
+        self.ice_servers = [
+            s for s in options.ice_servers if not self.loopback_only or is_loopback_ice_server(s)
+        ]
+        if len(self.ice_servers) < len(options.ice_servers):
+            log.warning(
+                "ignoring %d ICE server(s) off loopback: the streamer gathers on loopback only",
+                len(options.ice_servers) - len(self.ice_servers),
+            )
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -380,7 +439,7 @@ class Streamer:
         config = RTCConfiguration(
             iceServers=[
                 RTCIceServer(urls=s.urls, username=s.username, credential=s.credential)
-                for s in self.options.ice_servers
+                for s in self.ice_servers
             ]
         )
         pc = RTCPeerConnection(config)
@@ -401,6 +460,8 @@ class Streamer:
             )
             self._hook_sender(viewer, transceiver.sender)
             self._watch_peer(viewer)
+            if self.loopback_only:
+                sdp = drop_non_loopback_candidates(sdp)
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
                 viewer.offer_applied.set()
@@ -490,6 +551,9 @@ class Streamer:
         line = (candidate or {}).get("candidate") or ""
         if not line:
             return  # end-of-candidates: aiortc needs no notice
+        if self.loopback_only and not is_loopback_candidate(line):
+            log.debug("peer %s: ignoring a candidate off loopback: %s", peer_id, line[:120])
+            return
         try:
             await asyncio.wait_for(viewer.offer_applied.wait(), 10)
         except TimeoutError:
@@ -562,6 +626,12 @@ def parse_args(argv: list[str] | None = None) -> StreamerOptions:
         parser.error(
             f"--ice-servers is not a JSON list of {{urls, username, credential}}: {exc.errors()[0]['msg']}"
         )
+    host_addresses = [a.strip() for a in args.host_addresses.split(",") if a.strip()]
+    for address in host_addresses:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            parser.error(f"--host-addresses: {address!r} is not an IP address (e.g. 127.0.0.1)")
     if not 0 < args.min_kbps <= args.max_kbps:
         parser.error("--min-kbps must be positive and not above --max-kbps")
     logging.basicConfig(
@@ -579,7 +649,7 @@ def parse_args(argv: list[str] | None = None) -> StreamerOptions:
         min_kbps=args.min_kbps,
         max_kbps=args.max_kbps,
         ice_servers=ice_servers,
-        host_addresses=[a.strip() for a in args.host_addresses.split(",") if a.strip()],
+        host_addresses=host_addresses,
         capture=args.capture,
     )
 

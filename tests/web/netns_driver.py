@@ -32,16 +32,19 @@ import contextlib
 import json
 import shutil
 import signal
-import tempfile
 import time
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
-from playwright.async_api import BrowserContext, Page, async_playwright
+from playwright.async_api import BrowserContext, FloatRect, Page, async_playwright
 
-from tests.controller.conftest import Controller, controller_settings, run_controller
+from browservm.settings import Settings
+from tests.controller.conftest import Controller, free_port, run_controller
 from tests.controller.demo_login import cdp_page, evaluate
 from tests.web.conftest import CHROMIUM, FLAGS
 
@@ -136,7 +139,19 @@ async def viewer_status(page: Page) -> dict[str, Any]:
     return value
 
 
-async def wait_for(page: Page, what: str, check: Any, timeout_s: float) -> dict[str, Any]:
+FOCUSED = "document.activeElement && document.activeElement.id"
+LOST_MARKS = ("peer connection disconnected", "peer connection failed", "state reconnecting")
+"""Viewer log lines that say the media path was lost."""
+
+
+def log_since(status: dict[str, Any], iso: str) -> list[str]:
+    """The viewer's log lines stamped after ``iso`` (its lines start with an ISO time of the page's clock)."""
+    return [line for line in status.get("log", []) if line.split(" ", 1)[0] > iso]
+
+
+async def wait_for(
+    page: Page, what: str, check: Callable[[dict[str, Any]], Any], timeout_s: float
+) -> dict[str, Any]:
     """Poll the viewer's status until ``check(status)`` holds; fail with the viewer's log otherwise."""
     status: dict[str, Any] = {}
     try:
@@ -198,9 +213,7 @@ async def open_viewer(context: BrowserContext, url: str, pages: list[Page]) -> t
     return page, timing
 
 
-def viewer_point(
-    box: dict[str, float], remote: tuple[int, int], point: dict[str, float]
-) -> tuple[float, float]:
+def viewer_point(box: FloatRect, remote: tuple[int, int], point: dict[str, float]) -> tuple[float, float]:
     """Where a remote screen pixel shows in the viewer's <video> (object-fit: contain letterboxing)."""
     scale = min(box["width"] / remote[0], box["height"] / remote[1])
     left = box["x"] + (box["width"] - remote[0] * scale) / 2
@@ -221,7 +234,7 @@ async def click_remote(page: Page, remote_page: str, selector: str) -> None:
     box = await video.bounding_box()
     status = await viewer_status(page)
     assert box is not None, "the viewer has no video element on screen"
-    x, y = viewer_point(dict(box), (status["remoteWidth"], status["remoteHeight"]), point)
+    x, y = viewer_point(box, (status["remoteWidth"], status["remoteHeight"]), point)
     await page.mouse.click(x, y)
 
 
@@ -260,6 +273,16 @@ def streamer_process(directory: Path) -> psutil.Process | None:
     return None
 
 
+async def shown_page(profile: Path) -> dict[str, Any]:
+    """The URL and ``document.readyState`` of the sandbox Chromium's page, right now."""
+    port = int((profile / "DevToolsActivePort").read_text().split()[0])
+    async with httpx.AsyncClient() as client:
+        targets = (await client.get(f"http://127.0.0.1:{port}/json/list")).json()
+    (target,) = [t for t in targets if t.get("type") == "page"]
+    reply = await evaluate(target["webSocketDebuggerUrl"], "document.readyState")
+    return {"url": target["url"], "ready_state": reply["result"].get("value")}
+
+
 def service_logs(controller: Controller) -> dict[str, str]:
     tails: dict[str, str] = {}
     with contextlib.suppress(Exception):
@@ -272,15 +295,23 @@ def service_logs(controller: Controller) -> dict[str, str]:
 
 
 async def run(state_dir: Path, results: Results) -> None:
-    settings = controller_settings(
-        state_dir,
-        f"sqlite+aiosqlite:///{state_dir / 'browservm.db'}",
+    # Built here, not with controller_settings: that one makes a state directory of its own.
+    settings = Settings(
         state_dir=state_dir,
-        ice_host_addresses=["127.0.0.1"],
+        database_url=f"sqlite+aiosqlite:///{state_dir / 'browservm.db'}",
+        host="127.0.0.1",
+        port=free_port(),
+        max_sandboxes=2,
         session_ttl_s=300,
+        reconcile_interval_s=1,
+        log_json=False,
+        log_level="warning",
+        # The streamer gathers on 127.0.0.1 only and ignores candidates elsewhere.
+        ice_host_addresses=["127.0.0.1"],
     )
     async with contextlib.asynccontextmanager(run_controller)(settings) as controller:
-        profile = Path(tempfile.mkdtemp(prefix="bvm-netns-viewer-"))
+        # Inside the state directory, which the outer test removes even if this process is killed.
+        profile = state_dir / "viewer-profile"
         pages: list[Page] = []
         try:
             async with async_playwright() as playwright:
@@ -292,7 +323,7 @@ async def run(state_dir: Path, results: Results) -> None:
                     viewport={"width": 800, "height": 700},
                 )
                 try:
-                    await steps(controller, context, results, pages)
+                    await steps(Scenario(controller, context, results, pages))
                 except BaseException as exc:
                     status: dict[str, Any] = {}
                     with contextlib.suppress(Exception):
@@ -311,117 +342,188 @@ async def run(state_dir: Path, results: Results) -> None:
             shutil.rmtree(profile, ignore_errors=True)
 
 
-async def steps(controller: Controller, context: BrowserContext, results: Results, pages: list[Page]) -> None:
-    """The five steps of the module docstring; ``pages`` gets the viewer pages as they open."""
+@dataclass
+class Scenario:
+    """What the steps share: one ``demo`` session, its sandbox, and the user's first viewer page."""
+
+    controller: Controller
+    context: BrowserContext
+    results: Results
+    pages: list[Page]
+    session_id: str = ""
+    viewer_url: str = ""
+    sandbox: Path = Path()
+    remote_page: str = ""
+    """The DevTools WebSocket of the sandbox Chromium's sign-in page (to check what input did)."""
+
+    @property
+    def page(self) -> Page:
+        return self.pages[0]
+
+
+async def steps(scenario: Scenario) -> None:
+    """The five steps of the module docstring, in order; each records its results."""
+    session = await start_session(scenario)
+    await video_step(scenario, session)
+    await input_step(scenario)
+    await whep_step(scenario)
+    await recovery_step(scenario)
+    await signin_step(scenario)
+
+
+async def start_session(scenario: Scenario) -> dict[str, Any]:
     created = (
-        await controller.client.post("/v1/sessions", json={"user_id": "netns-e2e", "provider": "demo"})
+        await scenario.controller.client.post(
+            "/v1/sessions", json={"user_id": "netns-e2e", "provider": "demo"}
+        )
     ).json()
-    session_id = created["id"]
+    scenario.session_id, scenario.viewer_url = created["id"], created["viewer_url"]
     started = time.monotonic()
-    waiting = await controller.wait_status(session_id, "awaiting_user", "failed", timeout_s=60)
+    waiting = await scenario.controller.wait_status(
+        scenario.session_id, "awaiting_user", "failed", timeout_s=60
+    )
     assert waiting["status"] == "awaiting_user", waiting
     awaiting_ms = (time.monotonic() - started) * 1000
-    sandbox = sandbox_dir(controller)
-    remote_page = await cdp_page(sandbox / "run" / "chromium-profile", "/demo/oauth/authorize")
+    scenario.sandbox = sandbox_dir(scenario.controller)
+    profile = scenario.sandbox / "run" / "chromium-profile"
+    # awaiting_user means the user can sign in now: the page must be loaded, not merely requested.
+    at_awaiting_user = await shown_page(profile)
+    scenario.remote_page = await cdp_page(profile, "/demo/oauth/authorize")
+    return {"create_to_awaiting_user_ms": round(awaiting_ms), "page_at_awaiting_user": at_awaiting_user}
 
-    # 1. WebRTC video of the sign-in page, on a direct path.
-    page, timing = await open_viewer(context, created["viewer_url"], pages)
+
+async def video_step(scenario: Scenario, session: dict[str, Any]) -> None:
+    """WebRTC video of the sign-in page, on a direct path."""
+    page, timing = await open_viewer(scenario.context, scenario.viewer_url, scenario.pages)
     shown = time.monotonic()
-    pixels = await wait_form_on_video(page, remote_page, 10)
+    pixels = await wait_form_on_video(page, scenario.remote_page, 10)
     form_after_first_frame_ms = (time.monotonic() - shown) * 1000
     status = await wait_for(page, "stats", lambda s: s.get("stats", {}).get("path"), 5)
-    results.record(
+    scenario.results.record(
         "video",
         {
             "mode": status["mode"],
             "state": status["state"],
+            "fallback_reason": status["fallbackReason"],
             "remote_size": [status["remoteWidth"], status["remoteHeight"]],
             "stats": status["stats"],
             "overlay": await page.locator(".bvm-stats").text_content(),
             "selected_pair": await page.evaluate(SELECTED_PAIR),
             "pixels": pixels,
             "form_after_first_frame_ms": round(form_after_first_frame_ms),
-            "create_to_awaiting_user_ms": round(awaiting_ms),
+            **session,
             **timing,
         },
     )
 
-    # 2. A click on the email field and typing, through the data channel, into the sandbox's page.
+
+async def input_step(scenario: Scenario) -> None:
+    """A click on the email field and typing, through the data channel, into the sandbox's page."""
+    page, remote_page = scenario.page, scenario.remote_page
     await click_remote(page, remote_page, "#email")
-    focus_ms = await wait_remote(
-        remote_page, "document.activeElement && document.activeElement.id", "email", 5
-    )
+    focus_ms = await wait_remote(remote_page, FOCUSED, "email", 5)
     await page.keyboard.type(EMAIL)
     last_key_ms = await wait_remote(remote_page, "document.querySelector('#email').value", EMAIL, 10)
-    results.record(
+    scenario.results.record(
         "input",
         {
-            "focused": "email",
+            "focused": await remote_value(remote_page, FOCUSED),
             "click_to_focus_ms": round(focus_ms),
             "email_value": await remote_value(remote_page, "document.querySelector('#email').value"),
             "last_key_to_value_ms": round(last_key_ms),
         },
     )
 
-    # 3. WHEP: a second viewer of the same session.
-    whep_page, whep_timing = await open_viewer(context, created["viewer_url"] + "&transport=whep", pages)
-    whep_pixels = await wait_form_on_video(whep_page, remote_page, 10)
-    whep_status = await viewer_status(whep_page)
-    results.record(
+
+async def whep_step(scenario: Scenario) -> None:
+    """A second viewer of the same session, signaling over WHEP."""
+    page, timing = await open_viewer(
+        scenario.context, scenario.viewer_url + "&transport=whep", scenario.pages
+    )
+    pixels = await wait_form_on_video(page, scenario.remote_page, 10)
+    status = await viewer_status(page)
+    scenario.results.record(
         "whep",
         {
-            "mode": whep_status["mode"],
-            "state": whep_status["state"],
-            "frames": whep_status["frames"],
-            "pixels": whep_pixels,
-            "selected_pair": await whep_page.evaluate(SELECTED_PAIR),
-            **whep_timing,
+            "mode": status["mode"],
+            "state": status["state"],
+            "frames": status["frames"],
+            "pixels": pixels,
+            "selected_pair": await page.evaluate(SELECTED_PAIR),
+            **timing,
         },
     )
-    await whep_page.close()
+    await page.close()
 
-    # 4. The streamer dies; the supervisor restarts it and the open viewer streams again, same page.
+
+async def recovery_step(scenario: Scenario) -> None:
+    """The streamer dies; the supervisor restarts it and the open viewer streams again, same page."""
+    page = scenario.page
     await page.evaluate("() => { window.__bvmSamePage = true; }")
-    before = await viewer_status(page)
-    streamer = streamer_process(sandbox)
+    streamer = streamer_process(scenario.sandbox)
     assert streamer is not None, "no streamer process found for the sandbox"
     killed_at = time.monotonic()
+    killed_iso: str = await page.evaluate("() => new Date().toISOString()")
     streamer.send_signal(signal.SIGKILL)
-    recovered = await wait_for(
+
+    def since_kill_ms() -> int:
+        return round((time.monotonic() - killed_at) * 1000)
+
+    lost = await wait_for(
         page,
-        "streaming again after the streamer was killed",
-        lambda s: (
-            s.get("reconnects", 0) > before["reconnects"]
-            and s.get("state") == "streaming"
-            and s.get("frames", 0) >= 10
-        ),
-        45,
+        "losing the connection after the streamer was killed",
+        lambda s: any(mark in line for line in log_since(s, killed_iso) for mark in LOST_MARKS),
+        30,
     )
-    recovery_ms = (time.monotonic() - killed_at) * 1000
-    restarted = streamer_process(sandbox)
-    results.record(
+    lost_ms = since_kill_ms()
+    lost_iso = next(
+        line.split()[0] for line in log_since(lost, killed_iso) if any(m in line for m in LOST_MARKS)
+    )
+    connected = await wait_for(
+        page,
+        "a new connection to the restarted streamer",
+        lambda s: any("peer connection connected" in line for line in log_since(s, lost_iso)),
+        30,
+    )
+    connected_ms = since_kill_ms()
+    flowing = await wait_for(
+        page, "frames after the reconnection", lambda s: s["frames"] >= connected["frames"] + 10, 10
+    )
+    flowing_ms = since_kill_ms()
+    recovered = await wait_for(page, "the viewer saying streaming", lambda s: s["state"] == "streaming", 10)
+    restarted = streamer_process(scenario.sandbox)
+    scenario.results.record(
         "recovery",
         {
             "killed_pid": streamer.pid,
             "new_pid": restarted.pid if restarted else None,
             "mode": recovered["mode"],
             "state": recovered["state"],
-            "frames": recovered["frames"],
+            "frames_after_reconnect": flowing["frames"] - connected["frames"],
             "reconnects": recovered["reconnects"],
             "same_page": await page.evaluate("() => window.__bvmSamePage === true"),
-            "kill_to_frames_ms": round(recovery_ms),
-            "viewer_log": recovered["log"][-15:],
+            "input_channel": await page.evaluate(
+                "() => window.browservmViewer.input && window.browservmViewer.input.readyState"
+            ),
+            "kill_to_connection_lost_ms": lost_ms,
+            "kill_to_connected_again_ms": connected_ms,
+            "kill_to_frames_again_ms": flowing_ms,
+            "kill_to_streaming_state_ms": since_kill_ms(),
+            "viewer_log": log_since(recovered, killed_iso),
         },
     )
 
-    # 5. Sign in through the viewer: click the password field, type, click "Sign in".
+
+async def signin_step(scenario: Scenario) -> None:
+    """Sign in through the viewer (after the recovery): click the password field, type, click Sign in."""
+    page, remote_page = scenario.page, scenario.remote_page
     await click_remote(page, remote_page, "#password")
-    await wait_remote(remote_page, "document.activeElement && document.activeElement.id", "password", 5)
+    await wait_remote(remote_page, FOCUSED, "password", 5)
     await page.keyboard.type("demo")
     await wait_remote(remote_page, "document.querySelector('#password').value.length", 4, 10)
     await click_remote(page, remote_page, "button[type=submit]")
-    done = await controller.wait_status(session_id, "completed", "failed", timeout_s=30)
-    results.record(
+    done = await scenario.controller.wait_status(scenario.session_id, "completed", "failed", timeout_s=30)
+    scenario.results.record(
         "signin",
         {"status": done["status"], "reason": done.get("reason"), "account": done.get("account")},
     )

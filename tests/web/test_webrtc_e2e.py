@@ -123,12 +123,19 @@ def step(results: dict[str, Any], name: str) -> dict[str, Any]:
 def test_viewer_gets_webrtc_video_of_the_remote_page_on_a_direct_path(results: dict[str, Any]) -> None:
     video = step(results, "video")
     assert video["mode"] == "webrtc" and video["state"] == "streaming", video
+    assert video["fallback_reason"] is None, video
     assert video["remote_size"] == [1280, 720]
     assert video["stats"]["path"] == "direct" and "direct" in video["overlay"], video
     # The streamer gathered on 127.0.0.1 (which aioice skips unless told), and nothing left loopback.
     pair = video["selected_pair"]
     assert pair["remote"]["address"] == "127.0.0.1", pair
     assert pair["local"]["address"].startswith("127."), pair
+
+
+def test_awaiting_user_comes_when_the_sign_in_page_has_loaded(results: dict[str, Any]) -> None:
+    shown = step(results, "video")["page_at_awaiting_user"]
+    assert "/demo/oauth/authorize" in shown["url"], shown
+    assert shown["ready_state"] == "complete", shown
 
 
 def test_clicks_and_typing_in_the_viewer_reach_the_remote_page(results: dict[str, Any]) -> None:
@@ -149,7 +156,7 @@ def test_viewer_recovers_without_reload_when_the_streamer_is_killed(results: dic
     assert recovery["new_pid"] is not None and recovery["new_pid"] != recovery["killed_pid"], recovery
     assert recovery["same_page"] is True
     assert recovery["mode"] == "webrtc" and recovery["state"] == "streaming", recovery
-    assert recovery["frames"] >= 10
+    assert recovery["frames_after_reconnect"] >= 10
 
 
 def test_user_signs_in_through_the_webrtc_viewer(results: dict[str, Any]) -> None:
