@@ -534,7 +534,9 @@ class Streamer:
                 if self._input is None:
                     return
                 reply = self._input.handle(raw)
-                if reply is not None and channel.readyState == "open":
+                if reply is None and self.source is not None:
+                    self.source.note_input()  # the page answers input: stream its answer at once
+                elif reply is not None and channel.readyState == "open":
                     channel.send(reply)
 
             channel.on("message", on_message)

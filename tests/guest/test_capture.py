@@ -1,17 +1,31 @@
 """Capture sources on a real Xvfb: the first frame a viewer gets decodes on its own, in both codecs and
-both sources, and the bitrate stays within the stream's bounds."""
+both sources, and the bitrate stays within the stream's bounds; a still screen costs about a frame a
+second, and a click's answer on a still page reaches a real aiortc viewer at once."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Literal
 
 import av
 import pytest
 
+from browservm import protocol
 from browservm.guest.capture import EncodedVideoTrack, create_source, is_keyframe
-from tests.guest.desktop_testbed import Xvfb
+from tests.guest.desktop_testbed import Chromium, Xvfb, write_page
+from tests.guest.test_streamer import (
+    HEIGHT,
+    WIDTH,
+    Channel,
+    StreamerProcess,
+    ViewerPeer,
+    brightness_at,
+    loopback_ice,  # noqa: F401  (the autouse fixture: aioice gathers on 127.0.0.1)
+)
 
 pytestmark = pytest.mark.browser
 
@@ -57,3 +71,71 @@ def test_keyframe_detection() -> None:
     assert not is_keyframe("h264", b"")
     assert is_keyframe("vp8", b"\x30\xc7\x00\x9d\x01\x2a")
     assert not is_keyframe("vp8", b"\x31\x1d\x00")
+
+
+async def test_a_still_screen_costs_a_frame_a_second_and_input_gets_a_fresh_frame(xvfb: Xvfb) -> None:
+    source = create_source("pixelflux", xvfb.display, 640, 480, 30, "h264", 300, 2000)
+    await source.start()
+    try:
+        track = EncodedVideoTrack(source.subscribe())
+        assert is_keyframe("h264", bytes(await asyncio.wait_for(track.recv(), 5)))
+        # the bare Xvfb never changes: after the keyframe's settling frames, only the refresh remains
+        await asyncio.sleep(1.5)
+        settled = source.frames
+        await asyncio.sleep(2.0)
+        assert 1 <= source.frames - settled <= 4, "a still screen should encode about one frame a second"
+
+        while not track.subscription._queue.empty():
+            await track.recv()
+        sent = time.monotonic()
+        source.note_input()  # the viewer clicked: a fresh frame follows even if nothing changed
+        await asyncio.wait_for(track.recv(), 1.0)
+        assert time.monotonic() - sent < 0.5
+        track.stop()
+    finally:
+        source.stop()
+
+
+async def test_a_click_on_a_still_page_shows_at_once_on_a_strict_receiver(tmp_path: Path) -> None:
+    """The case that once looked like a missed change: on a still page, a click's answer is the last frame
+    encoded, and aiortc's receiver completes a frame only when the next one starts. The streamer must
+    follow it with another frame, so the answer shows within a fraction of a second."""
+    display = Xvfb(WIDTH, HEIGHT)
+    page = Chromium(display.display, write_page(tmp_path), WIDTH, HEIGHT)
+    streamer = None
+    viewer = ViewerPeer()
+    channel = None
+    try:
+        await page.connect()
+        streamer = StreamerProcess(display.display, tmp_path)
+        channel = await Channel.open(streamer.socket)
+        await channel.wait_ready()
+        await viewer.connect(channel)
+        swatch = json.loads(await page.evaluate("rectOf('swatch')"))
+        bx, by = await page.center_of("btn")
+        status = await channel.request(protocol.Status)
+        frames_before = status.result["frames"]
+        await asyncio.sleep(1.5)
+        frames_still = (await channel.request(protocol.Status)).result["frames"] - frames_before
+        assert frames_still <= 15, f"{frames_still} frames encoded in 1.5 s of a still page"
+        assert brightness_at(await viewer.frame(), swatch["x"], swatch["y"]) < 60
+        while not viewer.track._queue.empty():  # start from the newest picture
+            await viewer.frame()
+
+        clicked = time.monotonic()
+        await viewer.send({"t": "down", "button": 1, "x": bx, "y": by})
+        await viewer.send({"t": "up", "button": 1, "x": bx, "y": by})
+        while brightness_at(await viewer.frame(), swatch["x"], swatch["y"]) < 200:
+            assert time.monotonic() - clicked < 2, "the click's answer never showed"
+        shown_after = time.monotonic() - clicked
+        assert (await page.state())["clicks"] == 1
+        # without a frame after the answer it would wait for the next refresh (a second) or change
+        assert shown_after < 0.6, f"the click showed after {shown_after * 1000:.0f} ms"
+    finally:
+        await viewer.close()
+        if channel is not None:
+            await channel.close()
+        if streamer is not None:
+            assert streamer.stop() == 0
+        await page.stop()
+        display.stop()
