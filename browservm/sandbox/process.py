@@ -38,6 +38,7 @@ from pathlib import Path
 import psutil
 import structlog
 
+import browservm
 from browservm import protocol
 from browservm.sandbox.base import (
     BackendReadiness,
@@ -131,6 +132,7 @@ class ProcessBackend(SandboxBackend):
             "--dev", "/dev",
             "--proc", "/proc",
             "--tmpfs", "/tmp",  # noqa: S108 - a fresh private tmpfs, not the host /tmp
+            *self._code_binds(),
             "--bind", str(sandbox_dir), str(sandbox_dir),
             "--unshare-pid",
             "--unshare-ipc",
@@ -139,6 +141,17 @@ class ProcessBackend(SandboxBackend):
             "--",
             *agent,
         ]  # fmt: skip
+
+    def _code_binds(self) -> list[str]:
+        """Read-only binds that bring back the agent's Python and code when they live under /tmp (a
+        checkout or virtualenv there), which the sandbox's private /tmp would otherwise hide."""
+        wanted = {Path(sys.prefix), Path(sys.base_prefix), Path(self.python).parent.parent,
+                  Path(browservm.__file__).resolve().parent.parent}  # fmt: skip
+        binds: list[str] = []
+        for path in sorted(wanted):
+            if path.is_dir() and path.resolve().is_relative_to("/tmp"):  # noqa: S108
+                binds += ["--ro-bind", str(path), str(path)]
+        return binds
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
@@ -22,9 +23,9 @@ FLAGS = [
 ]
 
 
-@pytest.fixture
-async def browser_context() -> AsyncIterator[BrowserContext]:
-    profile = Path(tempfile.mkdtemp(prefix="bvm-viewer-profile-"))
+@contextlib.asynccontextmanager
+async def viewer_browser(profile: Path) -> AsyncIterator[BrowserContext]:
+    """The user's browser: Debian's Chromium under Playwright, with the flags a loopback test bed needs."""
     async with async_playwright() as playwright:
         context = await playwright.chromium.launch_persistent_context(
             str(profile),
@@ -37,4 +38,11 @@ async def browser_context() -> AsyncIterator[BrowserContext]:
             yield context
         finally:
             await context.close()
+
+
+@pytest.fixture
+async def browser_context() -> AsyncIterator[BrowserContext]:
+    profile = Path(tempfile.mkdtemp(prefix="bvm-viewer-profile-"))
+    async with viewer_browser(profile) as context:
+        yield context
     shutil.rmtree(profile, ignore_errors=True)

@@ -41,12 +41,12 @@ from typing import Any
 
 import httpx
 import psutil
-from playwright.async_api import BrowserContext, FloatRect, Page, async_playwright
+from playwright.async_api import BrowserContext, FloatRect, Page
 
 from browservm.settings import Settings
 from tests.controller.conftest import Controller, free_port, run_controller
 from tests.controller.demo_login import cdp_page, evaluate
-from tests.web.conftest import CHROMIUM, FLAGS
+from tests.web.conftest import viewer_browser
 
 EMAIL = "netns-e2e@example.test"
 STREAMER_MODULE = "browservm.guest.streamer"
@@ -314,14 +314,7 @@ async def run(state_dir: Path, results: Results) -> None:
         profile = state_dir / "viewer-profile"
         pages: list[Page] = []
         try:
-            async with async_playwright() as playwright:
-                context = await playwright.chromium.launch_persistent_context(
-                    str(profile),
-                    executable_path=CHROMIUM,
-                    headless=True,
-                    args=FLAGS,
-                    viewport={"width": 800, "height": 700},
-                )
+            async with viewer_browser(profile) as context:
                 try:
                     await steps(Scenario(controller, context, results, pages))
                 except BaseException as exc:
@@ -336,8 +329,6 @@ async def run(state_dir: Path, results: Results) -> None:
                     }
                     results.write()
                     raise
-                finally:
-                    await context.close()
         finally:
             shutil.rmtree(profile, ignore_errors=True)
 
