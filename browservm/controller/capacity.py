@@ -69,6 +69,7 @@ class Capacity:
                 return
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
+            self._report_queue()
             try:
                 await waiter
             except asyncio.CancelledError:
@@ -76,6 +77,7 @@ class Capacity:
                     self.release()  # the slot was handed over just as we gave up: pass it on
                 else:
                     self._waiters.remove(waiter)
+                    self._report_queue()
                 raise
         finally:
             if promised:
@@ -84,7 +86,12 @@ class Capacity:
     def release(self) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()
+            self._report_queue()
             if not waiter.done():
                 waiter.set_result(None)  # the slot passes straight to the next in line
                 return
         self.in_use = max(0, self.in_use - 1)
+
+    def _report_queue(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue.set(len(self._waiters))

@@ -74,12 +74,3 @@ def viewer_claims(
 
 
 ViewerDep = Annotated[ViewerClaims, Depends(viewer_claims)]
-
-
-def get_runtime(services: ServicesDep) -> Services:
-    """The running controller, for routes that reach a session's sandbox (signaling, VNC)."""
-    return services
-
-
-# The name the signaling and VNC routes use: ``runtime.sessions.channel(session_id)``.
-SessionRuntime = Services

@@ -120,7 +120,6 @@ class Reconciler:
             sandbox_counts = await sandbox_store.count_by_state(db)
         self.metrics.set_counts(self.metrics.sessions, session_counts, [s.value for s in SessionStatus])
         self.metrics.set_counts(self.metrics.sandboxes, sandbox_counts, [s.value for s in SandboxState])
-        self.metrics.queue.set(self.capacity.queued)
 
     async def _destroy(self, sandbox_id: str, reason: str, action: str) -> None:
         log.info("reconcile.destroy", sandbox_id=sandbox_id, reason=reason)

@@ -87,7 +87,6 @@ class SessionService:
         except BaseException:
             self.capacity.promised -= 1
             raise
-        self.metrics.queue.set(self.capacity.queued)
         self.launch(session.id, promised=True)
         return session
 
@@ -148,11 +147,9 @@ class SessionService:
                     self.capacity.promised -= 1
                 return
             if session.status == SessionStatus.PENDING:
-                self.metrics.queue.set(self.capacity.queued + 1)
                 await self.capacity.acquire(promised=promised)
                 promised = False
                 holds_slot = True
-                self.metrics.queue.set(self.capacity.queued)
                 session = await self._transition(session_id, SessionStatus.STARTING)
                 channel, sandbox_id = await self._start_sandbox(session)
             else:

@@ -81,14 +81,10 @@ def session_out(services: Services, session: Session) -> SessionOut:
     )
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "Missing or invalid API key"},
-    404: {"description": "No such session for this API key"},
-}
-
-
 @router.post(
-    "", status_code=201, response_model=SessionOut, responses={**ERRORS, 429: {"description": "Full"}}
+    "",
+    status_code=201,
+    response_model=SessionOut,
 )
 async def create_session(body: SessionCreate, principal: PrincipalDep, services: ServicesDep) -> SessionOut:
     """Start a session. Answers at once (``pending``); the sandbox and login start in the background."""
@@ -98,7 +94,7 @@ async def create_session(body: SessionCreate, principal: PrincipalDep, services:
     return session_out(services, session)
 
 
-@router.get("", response_model=SessionPage, responses=ERRORS)
+@router.get("", response_model=SessionPage)
 async def list_sessions(
     principal: PrincipalDep,
     services: ServicesDep,
@@ -126,7 +122,7 @@ async def _owned(services: Services, session_id: str, tenant: str) -> Session:
     return session
 
 
-@router.get("/{session_id}", response_model=SessionOut, responses=ERRORS)
+@router.get("/{session_id}", response_model=SessionOut)
 async def get_session(session_id: str, principal: PrincipalDep, services: ServicesDep) -> SessionOut:
     return session_out(services, await _owned(services, session_id, principal.tenant))
 
@@ -134,7 +130,6 @@ async def get_session(session_id: str, principal: PrincipalDep, services: Servic
 @router.post(
     "/{session_id}/cancel",
     response_model=SessionOut,
-    responses={**ERRORS, 409: {"description": "Already ended"}},
 )
 async def cancel_session(session_id: str, principal: PrincipalDep, services: ServicesDep) -> SessionOut:
     """End a session now; its browser sandbox is destroyed."""
@@ -145,7 +140,6 @@ async def cancel_session(session_id: str, principal: PrincipalDep, services: Ser
 @router.get(
     "/{session_id}/events",
     responses={
-        **ERRORS,
         200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"},
     },
     response_class=EventSourceResponse,

@@ -19,10 +19,6 @@ from browservm.store.models import CliVm, Sandbox
 router = APIRouter(prefix="/v1/users/{user_id}", tags=["users"])
 
 UserId = Annotated[str, Path(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:@+-]+$")]
-ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "Missing or invalid API key"},
-    404: {"description": "No such resource for this API key"},
-}
 
 
 class CliVmOut(BaseModel):
@@ -63,34 +59,31 @@ def _cli_vm_out(row: CliVm, sandbox: Sandbox) -> CliVmOut:
     "/cli-vm",
     status_code=201,
     response_model=CliVmOut,
-    responses={**ERRORS, 409: {"description": "Exists"}, 429: {"description": "Full"}},
 )
 async def create_cli_vm(user_id: UserId, principal: PrincipalDep, services: ServicesDep) -> CliVmOut:
     """Create the user's persistent CLI sandbox; stored credentials are delivered into it at once."""
     return _cli_vm_out(*await services.cli_vms.create(principal.tenant, user_id))
 
 
-@router.get("/cli-vm", response_model=CliVmOut, responses=ERRORS)
+@router.get("/cli-vm", response_model=CliVmOut)
 async def get_cli_vm(user_id: UserId, principal: PrincipalDep, services: ServicesDep) -> CliVmOut:
     return _cli_vm_out(*await services.cli_vms.require(principal.tenant, user_id))
 
 
-@router.post(
-    "/cli-vm/hibernate", response_model=CliVmOut, responses={**ERRORS, 409: {"description": "Already"}}
-)
+@router.post("/cli-vm/hibernate", response_model=CliVmOut)
 async def hibernate_cli_vm(user_id: UserId, principal: PrincipalDep, services: ServicesDep) -> CliVmOut:
     """Stop its compute, keep its disk."""
     await services.cli_vms.hibernate(principal.tenant, user_id)
     return _cli_vm_out(*await services.cli_vms.require(principal.tenant, user_id))
 
 
-@router.post("/cli-vm/resume", response_model=CliVmOut, responses={**ERRORS, 409: {"description": "Running"}})
+@router.post("/cli-vm/resume", response_model=CliVmOut)
 async def resume_cli_vm(user_id: UserId, principal: PrincipalDep, services: ServicesDep) -> CliVmOut:
     await services.cli_vms.resume(principal.tenant, user_id)
     return _cli_vm_out(*await services.cli_vms.require(principal.tenant, user_id))
 
 
-@router.delete("/cli-vm", status_code=204, responses=ERRORS)
+@router.delete("/cli-vm", status_code=204)
 async def delete_cli_vm(user_id: UserId, principal: PrincipalDep, services: ServicesDep) -> Response:
     await services.cli_vms.delete(principal.tenant, user_id)
     return Response(status_code=204)
@@ -99,7 +92,7 @@ async def delete_cli_vm(user_id: UserId, principal: PrincipalDep, services: Serv
 @router.post(
     "/cli-vm/exec",
     response_class=EventSourceResponse,
-    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "output, then exit"}},
+    responses={200: {"content": {"text/event-stream": {}}, "description": "output, then exit"}},
 )
 async def exec_in_cli_vm(
     user_id: UserId, body: ExecRequest, principal: PrincipalDep, services: ServicesDep
@@ -116,7 +109,7 @@ async def exec_in_cli_vm(
     return EventSourceResponse(events(), ping=15)
 
 
-@router.get("/credentials", response_model=list[CredentialOut], responses=ERRORS)
+@router.get("/credentials", response_model=list[CredentialOut])
 async def list_credentials(
     user_id: UserId, principal: PrincipalDep, services: ServicesDep
 ) -> list[CredentialOut]:
@@ -138,7 +131,7 @@ async def list_credentials(
     ]
 
 
-@router.delete("/credentials/{credential_id}", status_code=204, responses=ERRORS)
+@router.delete("/credentials/{credential_id}", status_code=204)
 async def revoke_credential(
     user_id: UserId,
     credential_id: Annotated[str, Path(max_length=40)],
