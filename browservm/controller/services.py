@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass, field
 
 import structlog
 
+from browservm.aio import cancel_and_wait
 from browservm.controller.auth import load_secret
 from browservm.controller.capacity import Capacity
 from browservm.controller.cli_vms import CliVmService
@@ -87,11 +87,7 @@ class Services:
         return services
 
     async def stop(self) -> None:
-        for task in self.background:
-            task.cancel()
-        for task in self.background:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self.background)
         await self.sessions.shutdown()
         await self.sandboxes.close()
         await self.backend.close()

@@ -36,6 +36,7 @@ import structlog
 from pydantic import BaseModel
 
 from browservm import protocol
+from browservm.aio import cancel_and_wait
 from browservm.guest.display import ChromiumService, XvfbService
 from browservm.guest.files import ExecRunner, FileRequestError, write_files
 from browservm.guest.supervisor import Service, ServiceLog, ServiceUnavailable, Supervisor, kill_group, spawn
@@ -192,10 +193,7 @@ class StreamerLink:
         return reply.result
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait([self._task])
         if self._writer is not None:
             self._writer.close()
 
@@ -346,8 +344,7 @@ class _Connection:
     async def close(self, flush_s: float = 2.0) -> None:
         """Flush what is queued (bounded), then drop the connection, its streams and request tasks."""
         self._queue.put_nowait(None)
-        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(asyncio.shield(self._writer_task), flush_s)
+        await asyncio.wait({self._writer_task}, timeout=flush_s)
         self._writer_task.cancel()
         for task in list(self.tasks):
             if task is not asyncio.current_task():

@@ -137,9 +137,19 @@ class VideoSource(abc.ABC):
     name: str
 
     def __init__(
-        self, display: str, width: int, height: int, fps: int, codec: Codec, min_kbps: int, max_kbps: int
+        self,
+        display: str,
+        width: int,
+        height: int,
+        fps: int,
+        codec: Codec,
+        min_kbps: int,
+        max_kbps: int,
+        *,
+        refresh_s: float = REFRESH_S,
     ) -> None:
         self.display = display
+        self.refresh_s = refresh_s
         self.width, self.height, self.fps, self.codec = width, height, fps, codec
         self.min_kbps, self.max_kbps = min_kbps, max_kbps
         self.bitrate_kbps = max(min_kbps, min(max_kbps, 2500))
@@ -381,7 +391,7 @@ class PixelfluxSource(VideoSource):
             if self._pulse_pending:
                 continue
             tail_due = self._tail_at is not None and now >= self._tail_at
-            if tail_due or now - self._last_frame_at >= REFRESH_S:
+            if tail_due or now - self._last_frame_at >= self.refresh_s:
                 self._pulse()
 
 
@@ -533,9 +543,11 @@ def create_source(
     codec: Codec,
     min_kbps: int,
     max_kbps: int,
+    *,
+    refresh_s: float = REFRESH_S,
 ) -> VideoSource:
     cls: type[VideoSource] = PixelfluxSource if kind == "pixelflux" else X11GrabSource
-    return cls(display, width, height, fps, codec, min_kbps, max_kbps)
+    return cls(display, width, height, fps, codec, min_kbps, max_kbps, refresh_s=refresh_s)
 
 
 # ---------------------------------------------------------------------------------------------- track

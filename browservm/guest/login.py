@@ -48,6 +48,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from browservm import protocol
+from browservm.aio import cancel_and_wait
 from browservm.guest.providers import CredentialsIncomplete, Provider, get_provider
 
 log = logging.getLogger(__name__)
@@ -264,13 +265,7 @@ class LoginRunner:
     async def stop(self) -> None:
         """Stop the CLI and the hook, remove the hook directory. Idempotent; emits nothing."""
         self._stopped = True
-        current = asyncio.current_task()
-        tasks = [t for t in (self._supervisor, *self._background) if t is not None and t is not current]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait([self._supervisor, *self._background])
         await self._stop_cli()
         self._close_terminal()
         if self._hook_server is not None:

@@ -55,6 +55,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from browservm import protocol
 from browservm.guest.capture import (
+    REFRESH_S,
     CaptureUnavailable,
     Codec,
     EncodedVideoTrack,
@@ -85,6 +86,7 @@ class StreamerOptions:
     ice_servers: list[protocol.IceServer] = field(default_factory=list)
     host_addresses: list[str] = field(default_factory=list)
     capture: CaptureKind = "auto"
+    refresh_s: float = REFRESH_S
 
 
 class SignalError(Exception):
@@ -231,7 +233,17 @@ class Streamer:
         )
         errors = []
         for kind in kinds:
-            source = create_source(kind, o.display, o.width, o.height, o.fps, o.codec, o.min_kbps, o.max_kbps)
+            source = create_source(
+                kind,
+                o.display,
+                o.width,
+                o.height,
+                o.fps,
+                o.codec,
+                o.min_kbps,
+                o.max_kbps,
+                refresh_s=o.refresh_s,
+            )
             started = time.monotonic()
             try:
                 await source.start()
@@ -620,6 +632,12 @@ def parse_args(argv: list[str] | None = None) -> StreamerOptions:
         choices=["auto", "pixelflux", "x11grab"],
         default=os.environ.get("BROWSERVM_STREAMER_CAPTURE", "auto"),
     )
+    parser.add_argument(
+        "--refresh-s",
+        type=float,
+        default=REFRESH_S,
+        help="seconds between frames of a still screen (they repair a lost frame)",
+    )
     parser.add_argument("--log-level", default=os.environ.get("BROWSERVM_LOG_LEVEL", "info"))
     args = parser.parse_args(argv)
     try:
@@ -634,6 +652,8 @@ def parse_args(argv: list[str] | None = None) -> StreamerOptions:
             ipaddress.ip_address(address)
         except ValueError:
             parser.error(f"--host-addresses: {address!r} is not an IP address (e.g. 127.0.0.1)")
+    if not 0.1 <= args.refresh_s <= 60:
+        parser.error("--refresh-s must be between 0.1 and 60 seconds")
     if not 0 < args.min_kbps <= args.max_kbps:
         parser.error("--min-kbps must be positive and not above --max-kbps")
     logging.basicConfig(
@@ -653,6 +673,7 @@ def parse_args(argv: list[str] | None = None) -> StreamerOptions:
         ice_servers=ice_servers,
         host_addresses=host_addresses,
         capture=args.capture,
+        refresh_s=args.refresh_s,
     )
 
 

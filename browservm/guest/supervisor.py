@@ -29,6 +29,7 @@ from pathlib import Path
 import structlog
 
 from browservm import protocol
+from browservm.aio import cancel_and_wait, wait_exited
 
 log = structlog.get_logger(__name__)
 
@@ -36,6 +37,7 @@ BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 10.0
 HEALTHY_RESET_S = 60.0
 STOP_GRACE_S = 3.0
+PUMP_DRAIN_S = 1.0
 
 LOG_MAX_BYTES = 1024 * 1024
 """A service's log file is rotated to ``<name>.log.1`` past this size: at most twice this on disk."""
@@ -139,11 +141,11 @@ async def stop_process(process: asyncio.subprocess.Process, grace_s: float = STO
     kill_group(process.pid, signal.SIGTERM)
     killed = False
     try:
-        await asyncio.wait_for(process.wait(), grace_s)
+        await asyncio.wait_for(wait_exited(process), grace_s)
     except TimeoutError:
         killed = True
     kill_group(process.pid, signal.SIGKILL)
-    await process.wait()
+    await wait_exited(process)
     return killed
 
 
@@ -189,6 +191,8 @@ class _Runner:
         self.log = ServiceLog(supervisor.log_dir / f"{service.name}.log")
         self.status.log = str(self.log.path)
         self.task: asyncio.Task[None] | None = None
+        self.stopping = False
+        """Set by :meth:`stop`: no restart after this, even if a cancellation were lost on the way."""
 
     def _set(self, state: protocol.ServiceStateName, detail: str = "") -> None:
         self.status.state = state
@@ -202,7 +206,7 @@ class _Runner:
     async def run(self) -> None:
         delay = BACKOFF_FIRST_S
         self._set("starting")
-        while True:
+        while not self.stopping:
             for name in self.service.requires:
                 await self.supervisor.wait_ready(name)
             try:
@@ -210,6 +214,8 @@ class _Runner:
             except ServiceUnavailable as exc:
                 self.log.note(f"unavailable: {exc}")
                 self._set("failed", str(exc))
+                return
+            if self.stopping:
                 return
             if healthy_s >= HEALTHY_RESET_S:
                 delay = BACKOFF_FIRST_S
@@ -225,7 +231,7 @@ class _Runner:
         self.process = process
         self.status.pid = process.pid
         pump = asyncio.create_task(_pump(process, self.log))
-        exited = asyncio.create_task(process.wait())
+        exited = asyncio.create_task(wait_exited(process))
         ready_since: float | None = None
         try:
             readiness = asyncio.create_task(self.service.wait_ready(process))
@@ -239,9 +245,7 @@ class _Runner:
                 await exited
                 why = f"exited with status {process.returncode}"
             else:
-                readiness.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await readiness
+                await cancel_and_wait([readiness])
                 if exited in done:
                     why = f"exited with status {process.returncode} before it was ready"
                 elif readiness in done:
@@ -257,8 +261,9 @@ class _Runner:
             else:
                 self.log.note(f"stopped in {time.monotonic() - started:.2f}s")
             exited.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump
+            # The rest of its output, up to EOF; bounded, since a helper that left the group may hold it.
+            await asyncio.wait({pump}, timeout=PUMP_DRAIN_S)
+            await cancel_and_wait([pump])
             self.status.pid = None
             self.process = None
             await self.service.exited()
@@ -266,11 +271,9 @@ class _Runner:
         return healthy_s, why
 
     async def stop(self) -> None:
+        self.stopping = True
         process = self.process
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+        await cancel_and_wait([self.task])
         if process is not None and process.returncode is None:
             await stop_process(process)
         self.log.close()

@@ -12,6 +12,7 @@ import contextlib
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 
+from browservm.aio import cancel_and_wait
 from browservm.guest.display import XvfbService
 from browservm.guest.supervisor import Service, ServiceLog, ServiceNotReady, spawn
 
@@ -120,10 +121,7 @@ class VncBridge:
         await self._writer.drain()
 
     async def close(self) -> None:
-        if self._task is not None and self._task is not asyncio.current_task():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait([self._task])
         self._writer.close()
         with contextlib.suppress(ConnectionError):
             await self._writer.wait_closed()

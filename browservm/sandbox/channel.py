@@ -18,6 +18,7 @@ import structlog
 from pydantic import BaseModel
 
 from browservm import protocol
+from browservm.aio import cancel_and_wait
 
 log = structlog.get_logger(__name__)
 
@@ -230,9 +231,7 @@ class Channel:
         self._writer.close()
 
     async def close(self) -> None:
-        self._reader_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader_task
+        await cancel_and_wait([self._reader_task])
         self._shutdown("closed by the controller")
         with contextlib.suppress(Exception):
             await self._writer.wait_closed()

@@ -85,12 +85,11 @@ async def test_a_still_screen_costs_a_frame_a_second_and_input_gets_a_fresh_fram
         await asyncio.sleep(2.0)
         assert 1 <= source.frames - settled <= 4, "a still screen should encode about one frame a second"
 
+        source.refresh_s = 5.0  # from here, a frame within 2.5 s can only be input's own
         while not track.subscription._queue.empty():
             await track.recv()
-        sent = time.monotonic()
         source.note_input()  # the viewer clicked: a fresh frame follows even if nothing changed
-        await asyncio.wait_for(track.recv(), 1.0)
-        assert time.monotonic() - sent < 0.5
+        await asyncio.wait_for(track.recv(), 2.5)
         track.stop()
     finally:
         source.stop()
@@ -99,7 +98,8 @@ async def test_a_still_screen_costs_a_frame_a_second_and_input_gets_a_fresh_fram
 async def test_a_click_on_a_still_page_shows_at_once_on_a_strict_receiver(tmp_path: Path) -> None:
     """The case that once looked like a missed change: on a still page, a click's answer is the last frame
     encoded, and aiortc's receiver completes a frame only when the next one starts. The streamer must
-    follow it with another frame, so the answer shows within a fraction of a second."""
+    follow it with another frame, so the answer shows within a fraction of a second (not at the next
+    refresh, which the streamer here makes 5 s)."""
     display = Xvfb(WIDTH, HEIGHT)
     page = Chromium(display.display, write_page(tmp_path), WIDTH, HEIGHT)
     streamer = None
@@ -107,7 +107,7 @@ async def test_a_click_on_a_still_page_shows_at_once_on_a_strict_receiver(tmp_pa
     channel = None
     try:
         await page.connect()
-        streamer = StreamerProcess(display.display, tmp_path)
+        streamer = StreamerProcess(display.display, tmp_path, refresh_s=5.0)
         channel = await Channel.open(streamer.socket)
         await channel.wait_ready()
         await viewer.connect(channel)
@@ -126,11 +126,12 @@ async def test_a_click_on_a_still_page_shows_at_once_on_a_strict_receiver(tmp_pa
         await viewer.send({"t": "down", "button": 1, "x": bx, "y": by})
         await viewer.send({"t": "up", "button": 1, "x": bx, "y": by})
         while brightness_at(await viewer.frame(), swatch["x"], swatch["y"]) < 200:
-            assert time.monotonic() - clicked < 2, "the click's answer never showed"
+            assert time.monotonic() - clicked < 6, "the click's answer never showed"
         shown_after = time.monotonic() - clicked
         assert (await page.state())["clicks"] == 1
-        # without a frame after the answer it would wait for the next refresh (a second) or change
-        assert shown_after < 0.6, f"the click showed after {shown_after * 1000:.0f} ms"
+        # without a frame after the answer it would wait for the next refresh (5 s) or change; the figure
+        # on an idle machine is ~60 ms (bench/stream.py), the bound leaves room for a busy one
+        assert shown_after < 2.5, f"the click showed after {shown_after * 1000:.0f} ms"
     finally:
         await viewer.close()
         if channel is not None:

@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from browservm import protocol
+from browservm.aio import cancel_and_wait
 from browservm.controller import turn
 from browservm.controller.auth import ViewerClaims, verify_viewer_token
 from browservm.controller.errors import ApiError, error_body
@@ -228,9 +229,7 @@ async def _relay_socket(websocket: WebSocket, session_id: str, channel: Channel)
         except WebSocketDisconnect:
             reason = "page disconnected"
         finally:
-            forward.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await forward
+            await cancel_and_wait([forward])
             await relay.close()
             log.info("signal.closed", session_id=session_id, peer_id=relay.peer_id, reason=reason)
     with contextlib.suppress(RuntimeError, WebSocketDisconnect):
