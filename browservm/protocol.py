@@ -114,6 +114,9 @@ class FileBlob(_Model):
     path: str
     content_b64: str
     mode: int = 0o600
+    merge: Literal["replace", "json"] = "replace"
+    """``json``: the content is a JSON object merged into the file already there (objects key by key,
+    anything else replaced), so a delivered setting keeps the user's other settings."""
 
 
 class ErrorBody(_Model):

@@ -13,12 +13,13 @@ import base64
 import binascii
 import contextlib
 import itertools
+import json
 import os
 import signal
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -66,10 +67,46 @@ def write_files(home: Path, files: Sequence[protocol.FileBlob]) -> list[str]:
             raise FileRequestError(f"content of {blob.path!r} is not valid base64: {exc}") from exc
         if not 0 <= blob.mode <= 0o7777:
             raise FileRequestError(f"mode {blob.mode:o} of {blob.path!r} is not a file mode")
+        if blob.merge == "json":
+            try:
+                update = json.loads(content)
+            except ValueError as exc:
+                raise FileRequestError(
+                    f"content of {blob.path!r} is not JSON, so it cannot merge: {exc}"
+                ) from exc
+            if not isinstance(update, dict):
+                raise FileRequestError(f"content of {blob.path!r} must be a JSON object to merge")
+            content = _merged(target, update)
         planned.append((target, content, blob.mode))
     for target, content, mode in planned:
         _write_atomically(target, content, mode)
     return [str(target.relative_to(home.resolve())) for target, _, _ in planned]
+
+
+def merge_json(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """``update`` laid over ``base``: objects merge key by key, any other value replaces."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = merge_json(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _merged(target: Path, update: dict[str, Any]) -> bytes:
+    """The merged content for ``target``. A file there that is not a JSON object is kept aside as
+    ``<name>.unreadable`` rather than lost."""
+    try:
+        current = json.loads(target.read_bytes())
+    except FileNotFoundError:
+        current = {}
+    except (OSError, ValueError):
+        current = None
+    if not isinstance(current, dict):
+        os.replace(target, target.with_name(target.name + ".unreadable"))
+        current = {}
+    return json.dumps(merge_json(current, update), indent=2).encode()
 
 
 def _write_atomically(target: Path, content: bytes, mode: int) -> None:

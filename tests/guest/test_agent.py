@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import shutil
 import signal
@@ -190,6 +191,45 @@ async def test_write_files_is_atomic_with_mode_and_refuses_escapes(
         assert refused.value.code == "bad_path", bad
     assert list(outside.iterdir()) == []
     assert not (short_dir / "escape").exists()
+
+
+async def test_write_files_merges_json_into_the_users_own_file(
+    cli_channel: Channel, cli_agent: AgentProcess
+) -> None:
+    """A delivered setting lands beside the user's own: their MCP servers and nested settings stay."""
+    config = cli_agent.home / ".claude.json"
+    config.write_text(json.dumps({"mcpServers": {"db": {"command": "x"}}, "ui": {"theme": "dark", "v": 1}}))
+    settings = cli_agent.home / ".gemini" / "settings.json"
+    settings.parent.mkdir()
+    settings.write_text("{ not json")
+
+    def merged(path: str, value: object) -> protocol.FileBlob:
+        content = base64.b64encode(json.dumps(value).encode()).decode()
+        return protocol.FileBlob(path=path, content_b64=content, merge="json")
+
+    files = [
+        merged(".claude.json", {"hasCompletedOnboarding": True, "ui": {"theme": "light"}}),
+        merged(".gemini/settings.json", {"security": {"auth": {"selectedType": "oauth-personal"}}}),
+    ]
+    await cli_channel.request(protocol.WriteFiles(id=cli_channel.next_id(), files=files))
+    assert json.loads(config.read_text()) == {
+        "mcpServers": {"db": {"command": "x"}},
+        "ui": {"theme": "light", "v": 1},
+        "hasCompletedOnboarding": True,
+    }
+    assert config.stat().st_mode & 0o777 == 0o600
+    assert json.loads(settings.read_text()) == {"security": {"auth": {"selectedType": "oauth-personal"}}}
+    assert (settings.parent / "settings.json.unreadable").read_text() == "{ not json", "kept, not lost"
+
+    with pytest.raises(AgentError) as refused:
+        await cli_channel.request(
+            protocol.WriteFiles(
+                id=cli_channel.next_id(), files=[merged(".claude.json", ["not", "an", "object"])]
+            )
+        )
+    assert refused.value.code == "bad_request"
+    assert "must be a JSON object" in str(refused.value)
+    assert json.loads(config.read_text())["hasCompletedOnboarding"] is True, "a refused merge writes nothing"
 
 
 async def test_exec_streams_output_and_exit_code(cli_channel: Channel, cli_agent: AgentProcess) -> None:

@@ -21,7 +21,7 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 from urllib.parse import parse_qs, urlsplit
 
 from browservm import protocol
@@ -108,8 +108,12 @@ class Provider(abc.ABC):
 # ---------------------------------------------------------------------------------------------- readers
 
 
-def blob(path: str, content: bytes, mode: int = 0o600) -> protocol.FileBlob:
-    return protocol.FileBlob(path=path, content_b64=base64.b64encode(content).decode(), mode=mode)
+def blob(
+    path: str, content: bytes, mode: int = 0o600, merge: Literal["replace", "json"] = "replace"
+) -> protocol.FileBlob:
+    return protocol.FileBlob(
+        path=path, content_b64=base64.b64encode(content).decode(), mode=mode, merge=merge
+    )
 
 
 def json_file(files: CredentialFiles, path: str) -> dict[str, Any]:

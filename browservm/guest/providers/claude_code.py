@@ -68,8 +68,9 @@ class ClaudeCode(Provider):
         )
 
     def delivery(self, files: CredentialFiles) -> list[protocol.FileBlob]:
-        # Only the account and the onboarding flag travel: the rest of ~/.claude.json describes this
-        # browser sandbox (its projects, caches), not the user's CLI machine.
+        # Only the account and the onboarding flag travel, merged into the CLI machine's ~/.claude.json:
+        # the rest of the file describes this browser sandbox, and the user's own (MCP servers,
+        # projects) stays as it is.
         try:
             account = section(json_file(files, CONFIG), "oauthAccount")
         except CredentialsIncomplete:
@@ -77,4 +78,7 @@ class ClaudeCode(Provider):
         config: dict[str, object] = {"hasCompletedOnboarding": True}
         if account:
             config["oauthAccount"] = account
-        return [blob(CREDENTIALS, files[CREDENTIALS]), blob(CONFIG, json.dumps(config, indent=2).encode())]
+        return [
+            blob(CREDENTIALS, files[CREDENTIALS]),
+            blob(CONFIG, json.dumps(config, indent=2).encode(), merge="json"),
+        ]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from browservm import protocol
+from browservm.guest.files import merge_json
 from browservm.guest.providers.base import (
     CredentialFiles,
     CredentialsIncomplete,
@@ -62,8 +63,7 @@ class GeminiCli(Provider):
             settings = json.loads(settings_path.read_text())
         except (OSError, ValueError):
             settings = {}
-        security = settings.setdefault("security", {})
-        security.setdefault("auth", {})["selectedType"] = "oauth-personal"
+        settings = merge_json(settings if isinstance(settings, dict) else {}, AUTH_SETTINGS)
         settings_path.write_text(json.dumps(settings, indent=2))
         trusted_path = home / TRUSTED_FOLDERS
         try:
@@ -88,9 +88,9 @@ class GeminiCli(Provider):
         return strings(email=active or claims.get("email"), account_id=claims.get("sub"))
 
     def delivery(self, files: CredentialFiles) -> list[protocol.FileBlob]:
-        # settings.json travels as the auth type alone: the rest is this sandbox's, not the user's.
+        # settings.json travels as the auth type alone, merged into the user's own settings.
         blobs = [blob(OAUTH_CREDS, files[OAUTH_CREDS])]
         if ACCOUNTS in files:
             blobs.append(blob(ACCOUNTS, files[ACCOUNTS]))
-        blobs.append(blob(SETTINGS, json.dumps(AUTH_SETTINGS, indent=2).encode()))
+        blobs.append(blob(SETTINGS, json.dumps(AUTH_SETTINGS, indent=2).encode(), merge="json"))
         return blobs

@@ -89,6 +89,10 @@ def test_claude_waits_for_the_account_and_delivers_onboarding_done() -> None:
     delivered = content(claude.delivery(files))
     assert delivered[".claude/.credentials.json"] == credentials
     assert delivered[".claude.json"] == {"hasCompletedOnboarding": True, "oauthAccount": account}
+    merges = {b.path: b.merge for b in claude.delivery(files)}
+    assert merges == {".claude/.credentials.json": "replace", ".claude.json": "json"}, (
+        "the user's config stays"
+    )
 
 
 def test_claude_passes_the_email_option_to_the_login_page(tmp_path: Path) -> None:
@@ -134,6 +138,7 @@ def test_gemini_prepares_settings_and_delivers_auth_type_only(tmp_path: Path) ->
         ".gemini/google_accounts.json": {"active": "ada@example.com", "old": []},
         ".gemini/settings.json": {"security": {"auth": {"selectedType": "oauth-personal"}}},
     }
+    assert {b.path: b.merge for b in gemini.delivery(files)}[".gemini/settings.json"] == "json"
 
 
 @pytest.mark.parametrize(
