@@ -5,7 +5,12 @@ session, waits until the login page is open in the sandbox's Chromium (`awaiting
 typing into that page over DevTools, waits for `completed` (sealed, stored, delivered), and waits until the
 browser sandbox is gone. Prints a table of medians. Not a test: figures depend on the machine.
 
+With a warm pool (the default, one sandbox), each round starts once the pool is full again: sessions that
+arrive no faster than the pool refills (~2 s here). ``--warm-pool 0`` measures the cold path, where each
+session boots its own sandbox.
+
     .venv/bin/python bench/sessions.py --rounds 5
+    .venv/bin/python bench/sessions.py --rounds 5 --warm-pool 0
 """
 
 from __future__ import annotations
@@ -49,9 +54,13 @@ async def _wait(
     raise TimeoutError(f"{session_id} never reached {wanted}")
 
 
-async def _sign_in(state_dir: Path, email: str) -> None:
-    profiles = list((state_dir / "sandboxes").glob("*/run/chromium-profile/DevToolsActivePort"))
-    port = int(profiles[0].read_text().split()[0])
+async def _warm(client: httpx.AsyncClient, size: int) -> None:
+    while f"browservm_warm_pool_idle {size:.1f}" not in (await client.get("/metrics")).text:
+        await asyncio.sleep(0.05)
+
+
+async def _sign_in(sandbox: Path, email: str) -> None:
+    port = int((sandbox / "run/chromium-profile/DevToolsActivePort").read_text().split()[0])
     async with httpx.AsyncClient() as client:
         while True:
             pages = [
@@ -72,11 +81,16 @@ async def _sign_in(state_dir: Path, email: str) -> None:
             pass
 
 
-async def main(rounds: int) -> None:
+async def main(rounds: int, warm_pool: int) -> None:
     state_dir = Path(tempfile.mkdtemp(prefix="bvm-bench-"))
     port = _free_port()
     settings = Settings(
-        state_dir=state_dir, port=port, log_level="warning", log_json=False, reconcile_interval_s=5
+        state_dir=state_dir,
+        port=port,
+        log_level="warning",
+        log_json=False,
+        reconcile_interval_s=5,
+        warm_pool_size=warm_pool,
     )
     db = Database(settings.effective_database_url)
     await db.migrate()
@@ -95,25 +109,35 @@ async def main(rounds: int) -> None:
     ) as client:
         await client.post("/v1/users/bench/cli-vm")
         for n in range(rounds):
+            await _warm(client, warm_pool)
             start = time.perf_counter()
             created = (
                 await client.post("/v1/sessions", json={"user_id": "bench", "provider": "demo"})
             ).json()
             rows["create"].append(time.perf_counter() - start)
-            await _wait(client, created["id"], "awaiting_user")
+            waiting = await _wait(client, created["id"], "awaiting_user")
             rows["awaiting_user"].append(time.perf_counter() - start)
-            await _sign_in(state_dir, f"user{n}@example.com")
+            sandbox = state_dir / "sandboxes" / waiting["sandbox_id"]
+            await _sign_in(sandbox, f"user{n}@example.com")
             done = await _wait(client, created["id"], "completed", "failed")
             assert done["status"] == "completed", done
             rows["completed"].append(time.perf_counter() - start)
-            while list((state_dir / "sandboxes").glob("*/run/chromium-profile")):
+            while sandbox.exists():
                 await asyncio.sleep(0.02)
             rows["destroyed"].append(time.perf_counter() - start)
         rss = psutil.Process().memory_info().rss / 2**20
+        hit_line = next(
+            (line for line in (await client.get("/metrics")).text.splitlines() if 'result="hit"}' in line),
+            "0",
+        )
+        hits = int(float(hit_line.rsplit(" ", 1)[-1]))
         await client.delete("/v1/users/bench/cli-vm")
     server.should_exit = True
     await task
-    print(f"{rounds} rounds, process backend, SQLite; seconds from POST /v1/sessions (median, min-max)")
+    print(
+        f"{rounds} rounds, process backend, SQLite, warm pool {warm_pool} ({hits} "
+        "sessions took a warm sandbox); seconds from POST /v1/sessions (median, min-max)"
+    )
     print(f"{'step':<16} {'median':>8} {'min':>8} {'max':>8}")
     for name, values in rows.items():
         print(f"{name:<16} {statistics.median(values):>8.3f} {min(values):>8.3f} {max(values):>8.3f}")
@@ -125,4 +149,6 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=5)
-    asyncio.run(main(parser.parse_args().rounds))
+    parser.add_argument("--warm-pool", type=int, default=1, help="BROWSERVM_WARM_POOL_SIZE (0: cold starts)")
+    args = parser.parse_args()
+    asyncio.run(main(args.rounds, args.warm_pool))

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -160,6 +160,17 @@ class Configure(RequestBase):
     env: dict[str, str] = Field(default_factory=dict)
 
 
+class Prepare(RequestBase):
+    """Start a browser sandbox's services before it has a session (the controller's warm pool): the
+    display, the browser on a blank page, the streamer and VNC. A later :class:`Configure` with the same
+    ``screen`` and stream codec and bitrates only hands over the session and starts the login."""
+
+    type: Literal["prepare"] = "prepare"
+    screen: ScreenConfig = Field(default_factory=ScreenConfig)
+    stream: StreamConfig = Field(default_factory=StreamConfig)
+    env: dict[str, str] = Field(default_factory=dict)
+
+
 class Status(RequestBase):
     type: Literal["status"] = "status"
 
@@ -182,6 +193,10 @@ class Signal(RequestBase):
     kind: Literal["offer", "answer", "candidate", "close"]
     sdp: str | None = None
     candidate: dict[str, Any] | None = None
+    ice_servers: list[IceServer] | None = None
+    """For an ``offer``: the STUN/TURN servers of the session, added by the agent as it relays the
+    offer to the streamer (so a streamer started before its session gets the session's credentials).
+    ``None``: the streamer's own list."""
 
 
 class OpenStream(RequestBase):
@@ -233,7 +248,16 @@ class Shutdown(RequestBase):
 
 
 Request = Annotated[
-    Configure | Status | OpenUrl | Signal | OpenStream | WriteFiles | Exec | CollectCredentials | Shutdown,
+    Configure
+    | Prepare
+    | Status
+    | OpenUrl
+    | Signal
+    | OpenStream
+    | WriteFiles
+    | Exec
+    | CollectCredentials
+    | Shutdown,
     Field(discriminator="type"),
 ]
 
@@ -309,6 +333,7 @@ Event = Annotated[
 Message = Annotated[
     Hello
     | Configure
+    | Prepare
     | Status
     | OpenUrl
     | Signal
@@ -329,19 +354,14 @@ Message = Annotated[
 
 _MESSAGE: TypeAdapter[Message] = TypeAdapter(Message)
 
-REQUEST_TYPES = frozenset(
-    {
-        "configure",
-        "status",
-        "open_url",
-        "signal",
-        "open_stream",
-        "write_files",
-        "exec",
-        "collect_credentials",
-        "shutdown",
-    }
-)
+
+def _type_names(union: object) -> frozenset[str]:
+    """The ``type`` values of the models in an ``Annotated[A | B | ..., Field(discriminator="type")]``."""
+    (members, *_meta) = get_args(union)
+    return frozenset(member.model_fields["type"].default for member in get_args(members))
+
+
+REQUEST_TYPES = _type_names(Request)
 
 
 # ---------------------------------------------------------------------------------------------- framing
@@ -375,16 +395,7 @@ class UnknownMessage(ProtocolError):
         self.request_id = request_id
 
 
-_KNOWN_TYPES = REQUEST_TYPES | {
-    "hello",
-    "reply",
-    "service_state",
-    "login_state",
-    "signal_event",
-    "exec_output",
-    "exec_exit",
-    "close_stream",
-}
+_KNOWN_TYPES = _type_names(Message)
 
 
 def _peek_type(payload: bytes) -> tuple[str | None, int | None]:

@@ -64,7 +64,7 @@ class Settings(BaseSettings):
 
     # --- capacity and time
     max_sandboxes: int = Field(4, ge=1, le=1000)
-    """Sandboxes (browser and CLI) this host runs at once; past it sessions queue, then get 503."""
+    """Sandboxes (browser and CLI) this host runs at once; past it sessions queue, then get 429."""
     max_queued_sessions: int = Field(16, ge=0)
     session_ttl_s: float = Field(900.0, gt=0)
     """A session that has not completed by then ends ``expired``."""
@@ -72,7 +72,10 @@ class Settings(BaseSettings):
     sandbox_boot_timeout_s: float = Field(60.0, gt=0)
     reconcile_interval_s: float = Field(15.0, gt=0)
     max_body_bytes: int = Field(64 * 1024, ge=1024)
-    warm_pool_size: int = Field(0, ge=0)
+    warm_pool_size: int = Field(1, ge=0)
+    """Browser sandboxes kept booted (browser and streamer running) for the next sessions; each holds a
+    capacity slot and ~300 MB. 0 turns the pool off. Must be below ``max_sandboxes``; left at its
+    default, it shrinks to fit (a one-sandbox host keeps no pool)."""
 
     # --- streaming and TURN
     screen_width: int = Field(1280, ge=320, le=3840)
@@ -143,6 +146,19 @@ class Settings(BaseSettings):
             # The local coturn's own address, so viewers and guests get credentials for it.
             self.turn_urls = ["turn:127.0.0.1:3478?transport=udp", "turn:127.0.0.1:3478?transport=tcp"]
         return self
+
+    @model_validator(mode="after")
+    def _warm_pool(self) -> Settings:
+        if "warm_pool_size" in self.model_fields_set and self.warm_pool_size >= self.max_sandboxes:
+            raise ValueError(
+                f"BROWSERVM_WARM_POOL_SIZE ({self.warm_pool_size}) must be below BROWSERVM_MAX_SANDBOXES "
+                f"({self.max_sandboxes}): sessions and CLI VMs need slots of their own"
+            )
+        return self
+
+    @property
+    def effective_warm_pool_size(self) -> int:
+        return min(self.warm_pool_size, self.max_sandboxes - 1)
 
     @property
     def effective_database_url(self) -> str:

@@ -14,6 +14,7 @@ from browservm.settings import SettingsError, load_settings
         ({"turn_urls": ["turn:127.0.0.1:3478"]}, "BROWSERVM_TURN_SECRET"),
         ({"screen_width": 100}, "BROWSERVM_SCREEN_WIDTH"),
         ({"database_url": "sqlite:///x.db"}, "BROWSERVM_DATABASE_URL"),
+        ({"warm_pool_size": 4, "max_sandboxes": 4}, "BROWSERVM_WARM_POOL_SIZE"),
     ],
 )
 def test_wrong_values_name_the_variable(overrides: dict[str, object], variable: str) -> None:
@@ -31,3 +32,9 @@ def test_defaults_are_embedded_and_local(tmp_path: object) -> None:
 def test_run_coturn_defaults_its_turn_urls_to_loopback() -> None:
     settings = load_settings(run_coturn=True, turn_secret="s3cret-s3cret")
     assert settings.turn_urls[0].startswith("turn:127.0.0.1:3478")
+
+
+def test_the_default_warm_pool_fits_the_host() -> None:
+    assert load_settings().effective_warm_pool_size == 1
+    assert load_settings(max_sandboxes=1).effective_warm_pool_size == 0, "a one-sandbox host keeps no pool"
+    assert load_settings(warm_pool_size=0).effective_warm_pool_size == 0

@@ -3,12 +3,17 @@
 The old system fell over under dozens of leaked VMs. Here a session holds a slot from the moment its
 sandbox is created until it is destroyed, waiters are served first come first served, and a full
 queue is refused at the API with 429 and a reason, before anything is created.
+
+The warm pool's idle sandboxes hold slots too (they run), but as ``spare`` ones: a session takes one
+with its sandbox, so they count as available when the API admits sessions, and a CLI VM that finds no
+free slot has the pool give one up (``reclaim``) rather than being refused.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Awaitable, Callable
 
 from browservm.controller.errors import ApiError
 from browservm.controller.metrics import Metrics
@@ -22,6 +27,12 @@ class Capacity:
         self.in_use = 0
         self.promised = 0
         """Sessions accepted by the API that do not hold a slot yet (queued or about to be)."""
+        self.spare = 0
+        """Slots held by idle warm-pool sandboxes, which any session can take over."""
+        self.reclaim: Callable[[], Awaitable[bool]] | None = None
+        """Set by the warm pool: give up one idle sandbox, its slot passing to the caller."""
+        self.freed = asyncio.Event()
+        """Set whenever a slot becomes free (not handed to a waiter); the warm pool refills on it."""
         self._waiters: deque[asyncio.Future[None]] = deque()
 
     @property
@@ -30,7 +41,7 @@ class Capacity:
 
     def promise(self) -> None:
         """Accept one more session, or refuse it with 429 when every slot and queue place is taken."""
-        if self.in_use + self.promised >= self.limit + self.max_queued:
+        if self.in_use - self.spare + self.promised >= self.limit + self.max_queued:
             self._count_refusal()
             raise ApiError(
                 429,
@@ -41,8 +52,16 @@ class Capacity:
             )
         self.promised += 1
 
-    def take_now(self) -> None:
-        """Take a free slot at once, or refuse with 429 (persistent sandboxes do not queue)."""
+    async def take_now(self) -> None:
+        """Take a free slot at once (or an idle warm sandbox's), else refuse with 429: persistent
+        sandboxes do not queue."""
+        if (
+            self.in_use >= self.limit
+            and not self._waiters
+            and self.reclaim is not None
+            and await self.reclaim()
+        ):
+            return  # the slot of a warm sandbox that was just destroyed: it passes straight to us
         if self.in_use >= self.limit or self._waiters:
             self._count_refusal()
             raise ApiError(
@@ -60,6 +79,13 @@ class Capacity:
     def take(self) -> None:
         """Count a slot that is already in use (a sandbox adopted after a restart)."""
         self.in_use += 1
+
+    def try_take(self) -> bool:
+        """Take a slot only if one is free and nobody waits (the warm pool never competes with sessions)."""
+        if self.in_use >= self.limit or self._waiters:
+            return False
+        self.in_use += 1
+        return True
 
     async def acquire(self, *, promised: bool = True) -> None:
         """Wait for a slot, in arrival order. Cancelling the wait gives the place up."""
@@ -91,6 +117,7 @@ class Capacity:
                 waiter.set_result(None)  # the slot passes straight to the next in line
                 return
         self.in_use = max(0, self.in_use - 1)
+        self.freed.set()
 
     def _report_queue(self) -> None:
         if self.metrics is not None:

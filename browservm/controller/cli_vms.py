@@ -78,7 +78,7 @@ class CliVmService:
         async with self._lock(tenant, user_id):
             if await self.find(tenant, user_id) is not None:
                 raise ApiError(409, "cli_vm_exists", f"user {user_id!r} already has a CLI VM")
-            self.capacity.take_now()
+            await self.capacity.take_now()
             try:
                 handle, channel = await self.sandboxes.start(role="cli", tenant=tenant, user_id=user_id)
             except (SandboxError, ChannelClosed, protocol.ProtocolError, OSError) as exc:
@@ -117,7 +117,7 @@ class CliVmService:
             _row, sandbox = await self.require(tenant, user_id)
             if sandbox.state != SandboxState.HIBERNATED:
                 raise ApiError(409, "not_hibernated", f"the CLI VM of {user_id!r} is running")
-            self.capacity.take_now()
+            await self.capacity.take_now()
             try:
                 _handle, channel = await self.sandboxes.resume(sandbox)
             except (SandboxError, ChannelClosed, OSError) as exc:

@@ -48,6 +48,15 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=self.registry,
         )
+        self.warm_pool_idle = Gauge(
+            "browservm_warm_pool_idle", "Warm browser sandboxes ready for a session", registry=self.registry
+        )
+        self.warm_pool_takes = Counter(
+            "browservm_warm_pool_takes_total",
+            "Sessions that found a warm sandbox (hit) or booted their own (miss); idle ones given to CLI VMs",
+            ["result"],
+            registry=self.registry,
+        )
         self.reconciles = Counter(
             "browservm_reconcile_actions_total", "What the reconciler did", ["action"], registry=self.registry
         )

@@ -16,6 +16,7 @@ import structlog
 
 from browservm.controller.capacity import Capacity
 from browservm.controller.metrics import Metrics
+from browservm.controller.pool import WarmPool
 from browservm.controller.sandboxes import SandboxService
 from browservm.controller.sessions import SessionService
 from browservm.sandbox.base import Liveness, SandboxHandle
@@ -35,6 +36,7 @@ class Reconciler:
         sandboxes: SandboxService,
         capacity: Capacity,
         metrics: Metrics,
+        pool: WarmPool | None = None,
         *,
         interval_s: float,
     ) -> None:
@@ -43,6 +45,7 @@ class Reconciler:
         self.sandboxes = sandboxes
         self.capacity = capacity
         self.metrics = metrics
+        self.pool = pool
         self.interval_s = interval_s
 
     async def startup(self) -> None:
@@ -107,6 +110,8 @@ class Reconciler:
         for record in live:
             if record.role != "browser" or record.session_id in unfinished:
                 continue
+            if self.pool is not None and self.pool.owns(record.id):
+                continue  # warm: it has no session yet
             if record.session_id in self.sessions.tasks:
                 continue  # its flow is ending it right now
             if record.state == SandboxState.CREATING and record.session_id in self.sessions.tasks:

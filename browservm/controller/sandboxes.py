@@ -50,8 +50,18 @@ class SandboxService:
         self._destroy_locks: dict[str, asyncio.Lock] = {}
 
     async def start(
-        self, *, role: Role, tenant: str, user_id: str, session_id: str | None = None
+        self,
+        *,
+        role: Role,
+        tenant: str | None,
+        user_id: str | None,
+        session_id: str | None = None,
+        assign: bool = True,
+        sandbox_id: str | None = None,
     ) -> tuple[SandboxHandle, Channel]:
+        """Create a sandbox and connect to its agent. It ends ``assigned`` to its owner, or, for the warm
+        pool (``assign=False``), stays ``creating`` until :meth:`mark_ready`. ``sandbox_id`` is generated
+        unless given (the pool names its sandboxes first, so it can tell them apart while they boot)."""
         async with self.db.session() as db:
             record = await sandbox_store.create(
                 db,
@@ -60,6 +70,7 @@ class SandboxService:
                 tenant=tenant,
                 user_id=user_id,
                 session_id=session_id,
+                sandbox_id=sandbox_id,
             )
         self._notify(record)
         log.info("sandbox.creating", sandbox_id=record.id, role=role, backend=self.backend.name)
@@ -83,9 +94,29 @@ class SandboxService:
             raise
         self.metrics.sandbox_boot.labels(self.backend.name).observe(time.perf_counter() - started)
         self.channels[record.id] = channel
-        await self._record(record.id, SandboxState.ASSIGNED)
+        if assign:
+            await self._record(record.id, SandboxState.ASSIGNED)
         log.info("sandbox.ready", sandbox_id=record.id, boot_s=round(time.perf_counter() - started, 3))
         return handle, channel
+
+    async def mark_ready(self, sandbox_id: str) -> None:
+        """A warm sandbox's services are up: it is ``ready`` for a session to :meth:`claim`."""
+        await self._record(sandbox_id, SandboxState.READY)
+
+    async def claim(self, sandbox_id: str, *, tenant: str, user_id: str, session_id: str) -> None:
+        """A ``ready`` (warm) sandbox becomes ``assigned`` to a session. Raises IllegalTransition if it is
+        no longer ready (it failed, or is being destroyed)."""
+        async with self.db.session() as db:
+            record = await sandbox_store.transition(
+                db,
+                sandbox_id,
+                SandboxState.ASSIGNED,
+                reason="taken from the warm pool",
+                tenant=tenant,
+                user_id=user_id,
+                session_id=session_id,
+            )
+        self._notify(record)
 
     def handle_of(self, record: Sandbox) -> SandboxHandle:
         role: Role = "cli" if record.role == "cli" else "browser"

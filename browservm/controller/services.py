@@ -13,6 +13,7 @@ from browservm.controller.capacity import Capacity
 from browservm.controller.cli_vms import CliVmService
 from browservm.controller.metrics import Metrics
 from browservm.controller.notifier import Notifier
+from browservm.controller.pool import WarmPool
 from browservm.controller.reconciler import Reconciler
 from browservm.controller.sandboxes import SandboxService
 from browservm.controller.sessions import SessionService
@@ -40,6 +41,7 @@ class Services:
     sessions: SessionService
     cli_vms: CliVmService
     reconciler: Reconciler
+    pool: WarmPool
     coturn: Coturn | None = None
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -61,8 +63,17 @@ class Services:
         sessions = SessionService(settings, db, sandboxes, capacity, vault, metrics, notifier)
         cli_vms = CliVmService(db, sandboxes, capacity, vault, notifier)
         sessions.deliver = cli_vms.deliver
+        pool = WarmPool(
+            settings.effective_warm_pool_size,
+            sandboxes,
+            capacity,
+            metrics,
+            sessions.prepare_request,
+            boot_timeout_s=settings.sandbox_boot_timeout_s,
+        )
+        sessions.pool = pool
         reconciler = Reconciler(
-            db, sessions, sandboxes, capacity, metrics, interval_s=settings.reconcile_interval_s
+            db, sessions, sandboxes, capacity, metrics, pool, interval_s=settings.reconcile_interval_s
         )
         services = cls(
             settings=settings,
@@ -77,6 +88,7 @@ class Services:
             sessions=sessions,
             cli_vms=cli_vms,
             reconciler=reconciler,
+            pool=pool,
         )
         if settings.run_coturn:
             services.coturn = Coturn.from_settings(settings)
@@ -84,10 +96,12 @@ class Services:
             log.info("coturn.started", urls=services.coturn.urls)
         await reconciler.startup()
         services.background.append(asyncio.create_task(reconciler.run(), name="reconciler"))
+        pool.start()  # after the start-up reconcile: adopted sandboxes count before the pool takes slots
         return services
 
     async def stop(self) -> None:
         await cancel_and_wait(self.background)
+        await self.pool.close()
         await self.sessions.shutdown()
         await self.sandboxes.close()
         await self.backend.close()

@@ -27,6 +27,7 @@ from browservm.controller.capacity import Capacity
 from browservm.controller.errors import ApiError, not_found
 from browservm.controller.metrics import Metrics
 from browservm.controller.notifier import Notifier
+from browservm.controller.pool import WarmPool, WarmSandbox
 from browservm.controller.sandboxes import SandboxService
 from browservm.controller.turn import ice_servers
 from browservm.sandbox.base import Liveness, SandboxError
@@ -68,6 +69,7 @@ class SessionService:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.session_channels: dict[str, Channel] = {}
         self.deliver: DeliveryHook | None = None
+        self.pool: WarmPool | None = None
         self._stopping = False
 
     # ------------------------------------------------------------------ API-facing
@@ -147,11 +149,22 @@ class SessionService:
                     self.capacity.promised -= 1
                 return
             if session.status == SessionStatus.PENDING:
-                await self.capacity.acquire(promised=promised)
-                promised = False
+                warm = None
+                if self.pool is not None:
+                    warm = await self.pool.take(
+                        tenant=session.tenant, user_id=session.user_id, session_id=session_id
+                    )
+                if warm is not None:
+                    sandbox_id = warm.sandbox_id  # destroyed with the session from here on
+                    if promised:
+                        self.capacity.promised -= 1
+                        promised = False
+                else:
+                    await self.capacity.acquire(promised=promised)
+                    promised = False
                 holds_slot = True
                 session = await self._transition(session_id, SessionStatus.STARTING)
-                channel, sandbox_id = await self._start_sandbox(session)
+                channel, sandbox_id = await self._start_sandbox(session, warm)
             else:
                 # Adopting after a restart: the capacity slot was counted at start-up.
                 holds_slot = True
@@ -188,7 +201,19 @@ class SessionService:
                     self.capacity.release()
             structlog.contextvars.unbind_contextvars("session_id")
 
-    async def _start_sandbox(self, session: Session) -> tuple[Channel, str]:
+    async def _start_sandbox(self, session: Session, warm: WarmSandbox | None) -> tuple[Channel, str]:
+        """The session's browser sandbox, configured: the warm one given (falling back to a new one if it
+        turns out unusable) or a new one. The caller holds the capacity slot either way."""
+        if warm is not None:
+            async with self.db.session() as db:
+                await session_store.update_fields(db, session.id, sandbox_id=warm.sandbox_id)
+            try:
+                await self._configure(session, warm.channel)
+                log.info("session.warm_sandbox", sandbox_id=warm.sandbox_id)
+                return warm.channel, warm.sandbox_id
+            except (AgentError, ChannelClosed, protocol.ProtocolError, OSError) as exc:
+                log.warning("session.warm_sandbox_unusable", sandbox_id=warm.sandbox_id, error=str(exc))
+                await self.sandboxes.destroy(warm.sandbox_id, f"unusable warm sandbox: {exc}")
         try:
             handle, channel = await self.sandboxes.start(
                 role="browser", tenant=session.tenant, user_id=session.user_id, session_id=session.id
@@ -200,6 +225,10 @@ class SessionService:
             raise SessionEnded from exc
         async with self.db.session() as db:
             await session_store.update_fields(db, session.id, sandbox_id=handle.sandbox_id)
+        await self._configure(session, channel)
+        return channel, handle.sandbox_id
+
+    async def _configure(self, session: Session, channel: Channel) -> None:
         remaining = (session.expires_at - datetime.now(UTC)).total_seconds()
         await channel.request(
             protocol.Configure(
@@ -207,23 +236,28 @@ class SessionService:
                 session_id=session.id,
                 provider=session.provider,
                 provider_options=self._provider_options(session),
-                screen=protocol.ScreenConfig(
-                    width=self.settings.screen_width,
-                    height=self.settings.screen_height,
-                    fps=self.settings.screen_fps,
-                ),
-                stream=protocol.StreamConfig(
-                    codec=self.settings.codec,
-                    host_addresses=self.settings.ice_host_addresses,
-                    ice_servers=ice_servers(
-                        self.settings, session.id, session_expires_at=session.expires_at.timestamp()
-                    ),
+                screen=self._screen(),
+                stream=self._stream(
+                    ice_servers(self.settings, session.id, session_expires_at=session.expires_at.timestamp())
                 ),
                 login_timeout_s=max(1.0, remaining),
             ),
             timeout_s=60,
         )
-        return channel, handle.sandbox_id
+
+    def prepare_request(self, request_id: int) -> protocol.Prepare:
+        """What the warm pool prepares its sandboxes with: exactly what :meth:`_configure` will ask for."""
+        return protocol.Prepare(id=request_id, screen=self._screen(), stream=self._stream([]))
+
+    def _screen(self) -> protocol.ScreenConfig:
+        return protocol.ScreenConfig(
+            width=self.settings.screen_width, height=self.settings.screen_height, fps=self.settings.screen_fps
+        )
+
+    def _stream(self, servers: list[protocol.IceServer]) -> protocol.StreamConfig:
+        return protocol.StreamConfig(
+            codec=self.settings.codec, host_addresses=self.settings.ice_host_addresses, ice_servers=servers
+        )
 
     async def _adopt(self, session: Session) -> Channel:
         if session.sandbox_id is None:

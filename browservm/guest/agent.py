@@ -392,6 +392,7 @@ class Agent:
         self.stopped = asyncio.Event()
         self.connection: _Connection | None = None
         self.configured: protocol.Configure | None = None
+        self.prepared: protocol.Prepare | None = None
         self.xvfb: XvfbService | None = None
         self.chromium: ChromiumService | None = None
         self.vnc: VncService | None = None
@@ -403,6 +404,7 @@ class Agent:
         self._serving: set[asyncio.Task[Any]] = set()
         self._handlers: dict[str, Handler] = {
             "configure": self._configure,
+            "prepare": self._prepare,
             "status": self._status,
             "open_url": self._open_url,
             "signal": self._signal,
@@ -415,7 +417,9 @@ class Agent:
 
     @property
     def hello(self) -> protocol.Hello:
-        capabilities = ["display", "webrtc", "vnc", "login"] if self.role == "browser" else ["exec", "files"]
+        capabilities = (
+            ["display", "webrtc", "vnc", "login", "prepare"] if self.role == "browser" else ["exec", "files"]
+        )
         return protocol.Hello(
             agent_version=AGENT_VERSION,
             sandbox_id=self.sandbox_id,
@@ -546,26 +550,72 @@ class Agent:
                     f"this guest image has no login support (browservm.guest.login); cannot sign in to "
                     f"{request.provider}",
                 )
-        self.configured = request
         env = {**self.base_env, **request.env}
-        self.xvfb = XvfbService(request.screen, env)
+        if self.prepared is None:
+            url = None if request.provider else request.start_url
+            self._start_services(request.screen, request.stream, env, request.proxy, url)
+        else:
+            self._check_prepared_for(request)
+            if request.start_url and not request.provider:
+                self._in_background(self._open_start_url(request.start_url))
+        self.configured = request
+        if login_runner is not None:
+            self._in_background(self._start_login(login_runner, request, env))
+        return {"services": list(self.supervisor.statuses())}
+
+    async def _prepare(self, connection: _Connection, request: protocol.Prepare) -> dict[str, Any]:
+        self._require_role("browser", "prepare")
+        if self.configured is not None or self.prepared is not None:
+            raise RequestError("already_configured", "this sandbox's services already run")
+        self.prepared = request
+        self._start_services(request.screen, request.stream, {**self.base_env, **request.env}, None, None)
+        return {"services": list(self.supervisor.statuses())}
+
+    def _start_services(
+        self,
+        screen: protocol.ScreenConfig,
+        stream: protocol.StreamConfig,
+        env: dict[str, str],
+        proxy: protocol.ProxyConfig | None,
+        url: str | None,
+    ) -> None:
+        self.xvfb = XvfbService(screen, env)
         self.chromium = ChromiumService(
-            self.xvfb,
-            request.screen,
-            self.run_dir / "chromium-profile",
-            env,
-            request.proxy,
-            url=None if request.provider else request.start_url,
+            self.xvfb, screen, self.run_dir / "chromium-profile", env, proxy, url=url
         )
         self.vnc = VncService(self.xvfb, env)
         self.streamer = StreamerService(
-            self.xvfb, self.run_dir / "streamer.sock", request.screen, request.stream, env, self.emit
+            self.xvfb, self.run_dir / "streamer.sock", screen, stream, env, self.emit
         )
         for service in (self.xvfb, self.chromium, self.vnc, self.streamer):
             self.supervisor.start(service)
-        if login_runner is not None:
-            self._in_background(self._start_login(login_runner, request, env))
-        return {"services": [s.name for s in (self.xvfb, self.chromium, self.vnc, self.streamer)]}
+
+    def _check_prepared_for(self, request: protocol.Configure) -> None:
+        """A prepared sandbox serves a session only as it was prepared: anything else needs a new one."""
+        prepared = self.prepared
+        assert prepared is not None
+        differences = []
+        if request.screen != prepared.screen:
+            differences.append(f"screen {request.screen} (prepared {prepared.screen})")
+        as_prepared = prepared.stream.model_copy(update={"ice_servers": request.stream.ice_servers})
+        if request.stream != as_prepared:
+            differences.append("stream settings")
+        if request.proxy is not None:
+            differences.append("a proxy (the browser was started without one)")
+        if request.env != prepared.env:
+            differences.append("environment")
+        if differences:
+            raise RequestError(
+                "prepared_differently",
+                f"this sandbox was prepared differently ({'; '.join(differences)}); create a new one",
+            )
+
+    async def _open_start_url(self, url: str) -> None:
+        assert self.chromium is not None
+        try:
+            await self.chromium.open_url(url)
+        except Exception:
+            log.exception("chromium.start_url_failed", url=url)
 
     async def _start_login(
         self, login_runner: Callable[..., LoginRunnerLike], request: protocol.Configure, env: dict[str, str]
@@ -602,6 +652,7 @@ class Agent:
             "role": self.role,
             "agent_pid": os.getpid(),
             "configured": self.configured is not None,
+            "prepared": self.prepared is not None,
             "services": services,
             # As this agent sees them: inside the sandbox's own PID namespace where it has one.
             "pids": {name: status["pid"] for name, status in services.items()},
@@ -633,6 +684,8 @@ class Agent:
                 await asyncio.wait_for(self.supervisor.wait_ready("streamer"), STREAMER_RESTART_WAIT_S)
         if self.streamer is None or self.streamer.link is None:
             raise RequestError("streamer_unavailable", "the streamer is not ready; retry or use VNC")
+        if request.kind == "offer" and self.configured is not None:
+            request = request.model_copy(update={"ice_servers": self.configured.stream.ice_servers})
         return await self.streamer.link.signal(request)
 
     async def _open_stream(self, connection: _Connection, request: protocol.OpenStream) -> None:

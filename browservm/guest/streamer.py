@@ -183,14 +183,16 @@ class Streamer:
         self.loopback_only = is_loopback_only(options.host_addresses)
         """Restricted to loopback: remote candidates and ICE servers elsewhere are ignored, so that no
         packet leaves loopback (test beds whose rules forbid any other traffic)."""
-        self.ice_servers = [
-            s for s in options.ice_servers if not self.loopback_only or is_loopback_ice_server(s)
-        ]
-        if len(self.ice_servers) < len(options.ice_servers):
+        self.ice_servers = self._usable(options.ice_servers)
+
+    def _usable(self, servers: list[protocol.IceServer]) -> list[protocol.IceServer]:
+        usable = [s for s in servers if not self.loopback_only or is_loopback_ice_server(s)]
+        if len(usable) < len(servers):
             log.warning(
                 "ignoring %d ICE server(s) off loopback: the streamer gathers on loopback only",
-                len(options.ice_servers) - len(self.ice_servers),
+                len(servers) - len(usable),
             )
+        return usable
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -426,7 +428,8 @@ class Streamer:
         if message.kind == "offer":
             if not message.sdp:
                 raise SignalError("bad_request", "an offer needs its sdp")
-            return await self._offer(message.peer_id, message.sdp)
+            servers = self.ice_servers if message.ice_servers is None else self._usable(message.ice_servers)
+            return await self._offer(message.peer_id, message.sdp, servers)
         if message.kind == "candidate":
             await self._candidate(message.peer_id, message.candidate)
             return {}
@@ -435,7 +438,7 @@ class Streamer:
             return {}
         raise SignalError("bad_request", "the streamer answers offers; it never takes an answer")
 
-    async def _offer(self, peer_id: str, sdp: str) -> dict[str, Any]:
+    async def _offer(self, peer_id: str, sdp: str, ice_servers: list[protocol.IceServer]) -> dict[str, Any]:
         from aiortc import (
             RTCConfiguration,
             RTCIceServer,
@@ -450,8 +453,7 @@ class Streamer:
             await self._close_peer(peer_id, notify=False)
         config = RTCConfiguration(
             iceServers=[
-                RTCIceServer(urls=s.urls, username=s.username, credential=s.credential)
-                for s in self.ice_servers
+                RTCIceServer(urls=s.urls, username=s.username, credential=s.credential) for s in ice_servers
             ]
         )
         pc = RTCPeerConnection(config)

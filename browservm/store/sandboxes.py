@@ -10,7 +10,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from browservm.store import events
-from browservm.store.models import Sandbox, utcnow
+from browservm.store.models import Sandbox, new_id, utcnow
 from browservm.store.states import LIVE_SANDBOX, IllegalTransition, SandboxState, sandbox_sources
 
 log = structlog.get_logger(__name__)
@@ -24,8 +24,10 @@ async def create(
     tenant: str | None = None,
     user_id: str | None = None,
     session_id: str | None = None,
+    sandbox_id: str | None = None,
 ) -> Sandbox:
     sandbox = Sandbox(
+        id=sandbox_id or new_id("sbx"),
         backend=backend,
         role=role,
         tenant=tenant,

@@ -68,6 +68,7 @@ def controller_settings(tmp_path: Path, database_url: str, **overrides: Any) -> 
         "max_queued_sessions": 4,
         "session_ttl_s": 120,
         "reconcile_interval_s": 1,
+        "warm_pool_size": 0,  # sessions boot their own sandbox unless a test asks for the pool
         "log_json": False,
         "log_level": "warning",
     }

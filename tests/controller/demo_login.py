@@ -53,7 +53,7 @@ async def sign_in(controller: Controller, session_id: str, email: str) -> dict[s
     """Wait for the login page, fill it in the sandbox's Chromium, and return the completed session."""
     waiting = await controller.wait_status(session_id, "awaiting_user", "failed")
     assert waiting["status"] == "awaiting_user", waiting["reason"]
-    (profile,) = [d / "run" / "chromium-profile" for d in browser_dirs(controller)]
+    profile = controller.settings.state_dir / "sandboxes" / waiting["sandbox_id"] / "run" / "chromium-profile"
     page = await cdp_page(profile, "/demo/oauth/authorize")
     await evaluate(
         page,

@@ -339,3 +339,68 @@ async def test_login_progress_reaches_the_controller_and_a_reconnect_gets_the_sn
             await again.close()
     finally:
         stop_agent(agent)
+
+
+@pytest.mark.browser
+async def test_a_prepared_sandbox_serves_only_the_session_it_was_prepared_for(short_dir: Path) -> None:
+    """Prepare starts the browser's services without a session (the warm pool); Configure then hands the
+    session over without restarting them, and refuses settings the services were not started with."""
+    agent = start_agent(short_dir, "browser", sandbox_id="sb-warm")
+    screen = protocol.ScreenConfig(width=640, height=480, fps=5)
+    try:
+        channel = await agent.connect()
+        assert "prepare" in channel.hello.capabilities
+        ready: set[str] = set()
+        async with channel.subscribe() as events:
+            await channel.request(protocol.Prepare(id=channel.next_id(), screen=screen))
+            async with asyncio.timeout(30):
+                while ready != {"xvfb", "chromium", "vnc", "streamer"}:
+                    event = await events.get()
+                    assert event is not None
+                    if isinstance(event, protocol.ServiceState) and event.state == "ready":
+                        ready.add(event.service)
+        prepared = await channel.request(protocol.Status(id=channel.next_id()))
+        assert prepared["prepared"] and not prepared["configured"]
+        pids = prepared["pids"]
+
+        with pytest.raises(AgentError) as refused:
+            await channel.request(protocol.Prepare(id=channel.next_id(), screen=screen))
+        assert refused.value.code == "already_configured"
+        other_screen = protocol.ScreenConfig(width=800, height=600, fps=5)
+        with pytest.raises(AgentError) as refused:
+            await channel.request(
+                protocol.Configure(id=channel.next_id(), session_id="s1", screen=other_screen)
+            )
+        assert refused.value.code == "prepared_differently"
+        assert "screen" in str(refused.value)
+
+        page = "data:text/html,<title>handed over</title>"
+        turn = protocol.IceServer(urls=["turn:127.0.0.1:3478"], username="1:s1", credential="c")
+        await channel.request(
+            protocol.Configure(
+                id=channel.next_id(),
+                session_id="s1",
+                screen=screen,
+                stream=protocol.StreamConfig(ice_servers=[turn]),  # the session's own: allowed to differ
+                start_url=page,
+            )
+        )
+        async with asyncio.timeout(15):
+            while True:
+                status = await channel.request(protocol.Status(id=channel.next_id()))
+                if status["devtools_port"] and await page_url(status["devtools_port"]) == page:
+                    break
+                await asyncio.sleep(0.1)
+        assert status["configured"]
+        assert status["pids"] == pids, "handing the session over restarted no service"
+        await channel.close()
+    finally:
+        stop_agent(agent)
+
+
+async def page_url(devtools_port: int) -> str:
+    import httpx
+
+    async with httpx.AsyncClient() as client:
+        targets = (await client.get(f"http://127.0.0.1:{devtools_port}/json/list")).json()
+    return next((str(t["url"]) for t in targets if t.get("type") == "page"), "")

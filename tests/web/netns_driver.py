@@ -258,9 +258,15 @@ async def wait_remote(remote_page: str, expression: str, expected: Any, timeout_
 # ---------------------------------------------------------------------------------------------- sandbox
 
 
-def sandbox_dir(controller: Controller) -> Path:
-    (found,) = [d for d in (controller.settings.state_dir / "sandboxes").iterdir() if (d / "run").is_dir()]
-    return found
+async def wait_warm(controller: Controller, timeout_s: float = 60) -> None:
+    """Until the warm pool has a sandbox ready (its gauge in /metrics)."""
+    async with asyncio.timeout(timeout_s):
+        while "browservm_warm_pool_idle 1.0" not in (await controller.client.get("/metrics")).text:
+            await asyncio.sleep(0.1)
+
+
+def sandbox_dir(controller: Controller, sandbox_id: str) -> Path:
+    return controller.settings.state_dir / "sandboxes" / sandbox_id
 
 
 def streamer_process(directory: Path) -> psutil.Process | None:
@@ -283,10 +289,10 @@ async def shown_page(profile: Path) -> dict[str, Any]:
     return {"url": target["url"], "ready_state": reply["result"].get("value")}
 
 
-def service_logs(controller: Controller) -> dict[str, str]:
+def service_logs(sandbox: Path) -> dict[str, str]:
     tails: dict[str, str] = {}
     with contextlib.suppress(Exception):
-        for log_file in sorted(sandbox_dir(controller).glob("run/*.log")):
+        for log_file in sorted(sandbox.glob("run/*.log")):
             tails[log_file.name] = log_file.read_text(errors="replace")[-3000:]
     return tails
 
@@ -302,6 +308,7 @@ async def run(state_dir: Path, results: Results) -> None:
         host="127.0.0.1",
         port=free_port(),
         max_sandboxes=2,
+        warm_pool_size=1,  # the session takes a warm sandbox, as on a production host
         session_ttl_s=300,
         reconcile_interval_s=1,
         log_json=False,
@@ -315,8 +322,9 @@ async def run(state_dir: Path, results: Results) -> None:
         pages: list[Page] = []
         try:
             async with viewer_browser(profile) as context:
+                scenario = Scenario(controller, context, results, pages)
                 try:
-                    await steps(Scenario(controller, context, results, pages))
+                    await steps(scenario)
                 except BaseException as exc:
                     status: dict[str, Any] = {}
                     with contextlib.suppress(Exception):
@@ -325,7 +333,7 @@ async def run(state_dir: Path, results: Results) -> None:
                         "message": f"{type(exc).__name__}: {exc}",
                         "traceback": traceback.format_exc(),
                         "viewer_log": status.get("log", []),
-                        "service_logs": service_logs(controller),
+                        "service_logs": service_logs(scenario.sandbox),
                     }
                     results.write()
                     raise
@@ -363,6 +371,7 @@ async def steps(scenario: Scenario) -> None:
 
 
 async def start_session(scenario: Scenario) -> dict[str, Any]:
+    await wait_warm(scenario.controller)
     created = (
         await scenario.controller.client.post(
             "/v1/sessions", json={"user_id": "netns-e2e", "provider": "demo"}
@@ -375,12 +384,17 @@ async def start_session(scenario: Scenario) -> dict[str, Any]:
     )
     assert waiting["status"] == "awaiting_user", waiting
     awaiting_ms = (time.monotonic() - started) * 1000
-    scenario.sandbox = sandbox_dir(scenario.controller)
+    scenario.sandbox = sandbox_dir(scenario.controller, waiting["sandbox_id"])
     profile = scenario.sandbox / "run" / "chromium-profile"
     # awaiting_user means the user can sign in now: the page must be loaded, not merely requested.
     at_awaiting_user = await shown_page(profile)
     scenario.remote_page = await cdp_page(profile, "/demo/oauth/authorize")
-    return {"create_to_awaiting_user_ms": round(awaiting_ms), "page_at_awaiting_user": at_awaiting_user}
+    metrics = (await scenario.controller.client.get("/metrics")).text
+    return {
+        "create_to_awaiting_user_ms": round(awaiting_ms),
+        "page_at_awaiting_user": at_awaiting_user,
+        "warm_sandbox": 'browservm_warm_pool_takes_total{result="hit"} 1.0' in metrics,
+    }
 
 
 async def video_step(scenario: Scenario, session: dict[str, Any]) -> None:

@@ -133,6 +133,7 @@ def test_viewer_gets_webrtc_video_of_the_remote_page_on_a_direct_path(results: d
 
 
 def test_awaiting_user_comes_when_the_sign_in_page_has_loaded(results: dict[str, Any]) -> None:
+    assert step(results, "video")["warm_sandbox"], "the session should have taken the warm sandbox"
     shown = step(results, "video")["page_at_awaiting_user"]
     assert "/demo/oauth/authorize" in shown["url"], shown
     assert shown["ready_state"] == "complete", shown

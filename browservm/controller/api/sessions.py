@@ -50,6 +50,9 @@ class SessionOut(BaseModel):
     viewer_url: str
     login_url: str | None
     account: dict[str, Any]
+    sandbox_id: str | None = Field(
+        description="The browser sandbox serving the session (in logs and events), once it has one"
+    )
     created_at: datetime
     updated_at: datetime
     expires_at: datetime
@@ -74,6 +77,7 @@ def session_out(services: Services, session: Session) -> SessionOut:
         viewer_url=viewer_url,
         login_url=session.login_url,
         account=session.account or {},
+        sandbox_id=session.sandbox_id,
         created_at=session.created_at,
         updated_at=session.updated_at,
         expires_at=session.expires_at,

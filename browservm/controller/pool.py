@@ -1,0 +1,238 @@
+"""Browser sandboxes booted ahead of demand, so a new session's browser is on screen in well under a second.
+
+A warm sandbox is a browser sandbox whose agent got ``Prepare``: Xvfb, Chromium on a blank page, the
+streamer and x11vnc run, and its record is ``ready``, owned by no one. A session takes one instead of
+booting its own: the record becomes ``assigned`` to it and the agent gets the session's ``Configure``,
+which only hands over the session (its ICE servers) and starts the login. Each warm sandbox serves one
+session and is destroyed with it, like any other: a fresh profile every time.
+
+Warm sandboxes hold capacity slots (they run), never at a waiting session's expense: the pool fills only
+a slot that is free with nobody queued, gives a just-booted sandbox up if a session started waiting
+meanwhile, and destroys an idle one when a CLI VM needs its slot (``Capacity.reclaim``). At shutdown the
+idle ones are destroyed; what a killed controller left behind belongs to no session, and the
+reconciler destroys it at the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from browservm import protocol
+from browservm.aio import cancel_and_wait
+from browservm.controller.capacity import Capacity
+from browservm.controller.metrics import Metrics
+from browservm.controller.sandboxes import SandboxService
+from browservm.sandbox.base import SandboxError
+from browservm.sandbox.channel import AgentError, Channel, ChannelClosed
+from browservm.store.models import new_id
+from browservm.store.states import IllegalTransition
+
+log = structlog.get_logger(__name__)
+
+SERVICES = ("xvfb", "chromium", "vnc", "streamer")
+"""Ready in a warm sandbox before a session may take it."""
+RETRY_AFTER_FAILURE_S = 30.0
+"""A warm sandbox that failed to boot is retried after this, not in a tight loop (Chromium missing)."""
+
+
+@dataclass
+class WarmSandbox:
+    sandbox_id: str
+    channel: Channel
+
+
+class WarmPool:
+    def __init__(
+        self,
+        size: int,
+        sandboxes: SandboxService,
+        capacity: Capacity,
+        metrics: Metrics,
+        prepare: Callable[[int], protocol.Prepare],
+        *,
+        boot_timeout_s: float,
+    ) -> None:
+        self.size = size
+        self.sandboxes = sandboxes
+        self.capacity = capacity
+        self.metrics = metrics
+        self.prepare = prepare
+        """Builds the ``Prepare`` request (given its id) from the settings sessions are configured with."""
+        self.boot_timeout_s = boot_timeout_s
+        self._idle: deque[WarmSandbox] = deque()
+        self._booting: set[str] = set()
+        self._taking: set[str] = set()
+        self._boots: set[asyncio.Task[None]] = set()
+        self._discards: set[asyncio.Task[None]] = set()
+        self._filler: asyncio.Task[None] | None = None
+        self._retry_at = 0.0
+        capacity.reclaim = self._reclaim
+
+    # ------------------------------------------------------------------ the controller's side
+
+    def start(self) -> None:
+        if self.size > 0:
+            self._filler = asyncio.create_task(self._fill(), name="warm-pool")
+
+    async def take(self, *, tenant: str, user_id: str, session_id: str) -> WarmSandbox | None:
+        """An idle warm sandbox, now ``assigned`` to the session, its capacity slot passing to the caller;
+        ``None`` when there is none."""
+        while self._idle:
+            warm = self._idle.popleft()
+            self.capacity.spare -= 1
+            self._report()
+            self.capacity.freed.set()  # wake the filler: one more is wanted
+            self._taking.add(warm.sandbox_id)
+            try:
+                if not warm.channel.closed.is_set():
+                    await self.sandboxes.claim(
+                        warm.sandbox_id, tenant=tenant, user_id=user_id, session_id=session_id
+                    )
+                    self.metrics.warm_pool_takes.labels("hit").inc()
+                    return warm
+                why = "its agent went away while it was idle"
+            except (IllegalTransition, LookupError) as exc:
+                why = f"it could not be claimed: {exc}"
+            except BaseException:
+                self._discard_later(warm.sandbox_id, "the session stopped while taking it")
+                raise
+            finally:
+                self._taking.discard(warm.sandbox_id)
+            log.warning("warm_pool.unusable", sandbox_id=warm.sandbox_id, reason=why)
+            self._discard_later(warm.sandbox_id, why)
+        self.metrics.warm_pool_takes.labels("miss").inc()
+        return None
+
+    def owns(self, sandbox_id: str) -> bool:
+        """Whether the pool is booting, holding or handing over this sandbox (the reconciler leaves
+        those alone)."""
+        return (
+            sandbox_id in self._booting
+            or sandbox_id in self._taking
+            or any(w.sandbox_id == sandbox_id for w in self._idle)
+        )
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    async def close(self) -> None:
+        """Stop filling and destroy the idle sandboxes (a new controller would not know them)."""
+        await cancel_and_wait([self._filler, *self._boots])
+        while self._idle:
+            self.capacity.spare -= 1
+            self._discard_later(self._idle.popleft().sandbox_id, "the controller is stopping")
+        await asyncio.gather(*self._discards, return_exceptions=True)
+        self._report()
+
+    # ------------------------------------------------------------------ filling
+
+    async def _fill(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self.capacity.freed.clear()
+            while (
+                len(self._idle) + len(self._boots) < self.size
+                and loop.time() >= self._retry_at
+                and self.capacity.try_take()
+            ):
+                boot = asyncio.create_task(self._boot(new_id("sbx")), name="warm-pool-boot")
+                self._boots.add(boot)
+                boot.add_done_callback(self._boots.discard)
+            timeout = max(0.0, self._retry_at - loop.time()) or None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.capacity.freed.wait(), timeout)
+
+    async def _boot(self, sandbox_id: str) -> None:
+        """Boot one warm sandbox on a slot already taken; give the slot back if it does not become one."""
+        self._booting.add(sandbox_id)
+        try:
+            async with asyncio.timeout(self.boot_timeout_s):
+                _handle, channel = await self.sandboxes.start(
+                    role="browser", tenant=None, user_id=None, assign=False, sandbox_id=sandbox_id
+                )
+                await self._prepare(channel)
+                await self.sandboxes.mark_ready(sandbox_id)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._discard(sandbox_id, "the controller is stopping"))
+            raise
+        except (
+            SandboxError,
+            ChannelClosed,
+            AgentError,
+            protocol.ProtocolError,
+            OSError,
+            TimeoutError,
+            IllegalTransition,
+        ) as exc:
+            log.warning("warm_pool.boot_failed", sandbox_id=sandbox_id, error=str(exc) or type(exc).__name__)
+            self._retry_at = asyncio.get_running_loop().time() + RETRY_AFTER_FAILURE_S
+            await self._discard(sandbox_id, f"warm boot failed: {exc}")
+            return
+        finally:
+            self._booting.discard(sandbox_id)
+        if self.capacity.queued:
+            # A session began to wait while this booted: the slot is worth more to it than a warm browser.
+            await self._discard(sandbox_id, "a waiting session needs the slot")
+            return
+        self._idle.append(WarmSandbox(sandbox_id, channel))
+        self.capacity.spare += 1
+        self._report()
+        log.info("warm_pool.ready", sandbox_id=sandbox_id, idle=len(self._idle))
+
+    async def _prepare(self, channel: Channel) -> None:
+        """Start the services and wait until every one reports ready (real readiness, not a delay)."""
+        async with channel.subscribe() as events:
+            await channel.request(self.prepare(channel.next_id()), timeout_s=self.boot_timeout_s)
+            ready: set[str] = set()
+            while ready != set(SERVICES):
+                event = await events.get()
+                if event is None:
+                    raise ChannelClosed("the agent went away while its services started")
+                if isinstance(event, protocol.ServiceState) and event.service in SERVICES:
+                    if event.state == "ready":
+                        ready.add(event.service)
+                    elif event.state == "failed":
+                        raise AgentError("service_failed", f"{event.service} failed: {event.detail[-500:]}")
+
+    # ------------------------------------------------------------------ giving sandboxes up
+
+    async def _reclaim(self) -> bool:
+        """Destroy one idle sandbox for a caller that needs its slot; the slot passes to the caller."""
+        if not self._idle:
+            return False
+        warm = self._idle.popleft()
+        self.capacity.spare -= 1
+        self._report()
+        self._taking.add(warm.sandbox_id)
+        try:
+            await self.sandboxes.destroy(warm.sandbox_id, "its slot was needed by a CLI VM")
+        finally:
+            self._taking.discard(warm.sandbox_id)
+        self.metrics.warm_pool_takes.labels("reclaimed").inc()
+        return True
+
+    def _discard_later(self, sandbox_id: str, reason: str) -> None:
+        task = asyncio.create_task(self._discard(sandbox_id, reason))
+        self._discards.add(task)
+        task.add_done_callback(self._discards.discard)
+
+    async def _discard(self, sandbox_id: str, reason: str) -> None:
+        """Destroy a pool sandbox and free its slot (which wakes the filler, or goes to a waiter)."""
+        self._taking.add(sandbox_id)
+        try:
+            await self.sandboxes.destroy(sandbox_id, reason)
+        except Exception as exc:
+            log.error("warm_pool.destroy_failed", sandbox_id=sandbox_id, error=str(exc))
+        finally:
+            self._taking.discard(sandbox_id)
+            self.capacity.release()
+
+    def _report(self) -> None:
+        self.metrics.warm_pool_idle.set(len(self._idle))
