@@ -10,6 +10,7 @@ import http.server
 import json
 import threading
 from collections.abc import AsyncIterator, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -261,3 +262,27 @@ async def test_relay_only_viewer_goes_through_coturn(
             async with asyncio.timeout(5):
                 while (await status(page))["stats"].get("path") != "relay":
                     await asyncio.sleep(0.2)
+
+
+async def test_an_ice_restart_brings_the_video_back_at_once(
+    browser_context: BrowserContext, bed: ViewerBed
+) -> None:
+    """What the viewer does when its connection drops: an ICE restart, a new offer for the same peer,
+    which the guest answers with a new peer behind the same id. The viewer is streaming again as soon
+    as frames flow (not after its 5 s give-up timer), without a full reconnect."""
+    page = await open_viewer(browser_context, bed)
+    await wait_streaming(page, "webrtc")
+    await page.evaluate("() => { const v = window.browservmViewer; v.restartIce(v.generation); }")
+    async with asyncio.timeout(15):
+        while not ((s := await status(page))["state"] == "streaming" and bed.guest.offers == 2):
+            await asyncio.sleep(0.05)
+    log = s["log"]
+    restarted = next(i for i, line in enumerate(log) if "state reconnecting (ICE restart)" in line)
+    streaming = next(i for i, line in enumerate(log) if i > restarted and "state streaming" in line)
+    elapsed_ms = (parse_log_time(log[streaming]) - parse_log_time(log[restarted])).total_seconds() * 1000
+    assert elapsed_ms < 4000, f"streaming again only after {elapsed_ms:.0f} ms: the give-up timer, not frames"
+    assert s["reconnects"] == 0 and s["mode"] == "webrtc"
+
+
+def parse_log_time(line: str) -> datetime:
+    return datetime.fromisoformat(line.split(" ", 1)[0].replace("Z", "+00:00"))

@@ -201,6 +201,7 @@ export class Viewer {
     this.rfb = null;
     this.generation = 0;
     this.reconnectAttempt = 0;
+    this.restartFrames = null; // frames shown when an ICE restart was answered; null when none runs
     this.statsTimer = null;
     this.lastBytes = null;
     this.pressed = new Set();
@@ -315,6 +316,10 @@ export class Viewer {
         seen = true;
         this.reconnectAttempt = 0;
         this.setState("streaming", "WebRTC");
+      } else if (this.restartFrames !== null && this.status.frames > this.restartFrames) {
+        // The first frame after an ICE restart: the media path is back.
+        this.restartFrames = null;
+        this.setState("streaming", "WebRTC");
       }
       if ("requestVideoFrameCallback" in video) video.requestVideoFrameCallback(onFrame);
     };
@@ -360,6 +365,7 @@ export class Viewer {
       ]);
       if (generation !== this.generation) return;
       await pc.setRemoteDescription({ type: "answer", sdp: answer });
+      this.restartFrames = this.status.frames; // the next frame ends the restart (see watchFirstFrame)
     } catch (error) {
       this.log(`ice restart failed: ${error}`);
       if (generation === this.generation) this.scheduleReconnect("ICE restart failed");
@@ -367,9 +373,8 @@ export class Viewer {
     }
     setTimeout(() => {
       if (generation === this.generation && this.status.frames === framesBefore) {
+        this.restartFrames = null;
         this.scheduleReconnect("no media after ICE restart");
-      } else if (generation === this.generation) {
-        this.setState("streaming", "WebRTC");
       }
     }, RESTART_TIMEOUT_MS);
   }
@@ -397,6 +402,7 @@ export class Viewer {
   teardownPeer() {
     if (this.statsTimer) clearInterval(this.statsTimer);
     this.statsTimer = null;
+    this.restartFrames = null;
     this.lastBytes = null;
     if (this.signaling) this.signaling.close();
     this.signaling = null;
