@@ -23,6 +23,7 @@ import pytest
 from browservm.sandbox.base import SandboxHandle
 from browservm.sandbox.process import ProcessBackend
 from tests.controller.conftest import free_port
+from tests.controller.test_warm_pool import sandboxes_in, wait_warm
 
 BIN = Path(sys.executable).parent / "browservm"
 
@@ -120,6 +121,7 @@ def test_kill_9_keeps_sessions_and_adopts_the_live_sandbox(serve: ServeProcess) 
     _wait(client, doomed["id"], "starting", "awaiting_user")
     before = {s["id"]: s for s in client.get("/v1/sessions").json()["data"]}
     adopted_sandbox = _sandbox_of(serve, adopted["id"])
+    (warm,) = asyncio.run(wait_warm(serve.env["BROWSERVM_DATABASE_URL"]))  # the default pool of one
 
     serve.kill9()
     # One sandbox dies with the controller down; the other keeps running.
@@ -132,6 +134,11 @@ def test_kill_9_keeps_sessions_and_adopts_the_live_sandbox(serve: ServeProcess) 
     serve.start()
     after = {s["id"]: s for s in client.get("/v1/sessions").json()["data"]}
     assert set(after) == set(before)
+    # The killed controller's warm sandbox belongs to no session: destroyed, and the pool boots a new one.
+    assert not _sandbox_processes(warm)
+    assert warm in asyncio.run(sandboxes_in(serve.env["BROWSERVM_DATABASE_URL"], "destroyed"))
+    (rewarmed,) = asyncio.run(wait_warm(serve.env["BROWSERVM_DATABASE_URL"]))
+    assert rewarmed != warm
     failed = _wait(client, doomed["id"], "failed")
     assert "gone" in failed["reason"]
     alive = client.get(f"/v1/sessions/{adopted['id']}").json()
