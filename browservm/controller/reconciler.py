@@ -114,8 +114,9 @@ class Reconciler:
                 continue  # warm: it has no session yet
             if record.session_id in self.sessions.tasks:
                 continue  # its flow is ending it right now
-            if record.state == SandboxState.CREATING and record.session_id in self.sessions.tasks:
-                continue
+            current = await self.sandboxes.get(record.id)
+            if current is None or (current.session_id, current.state) != (record.session_id, record.state):
+                continue  # it changed since this pass read it (a session took a warm one): next pass
             await self._destroy(record.id, "its session has ended", "leak_destroyed")
         await self.refresh_gauges()
 

@@ -263,7 +263,13 @@ class _Runner:
             exited.cancel()
             # The rest of its output, up to EOF; bounded, since a helper that left the group may hold it.
             await asyncio.wait({pump}, timeout=PUMP_DRAIN_S)
-            await cancel_and_wait([pump])
+            if not pump.done():
+                await cancel_and_wait([pump])
+                # asyncio offers no public way to let go of a dead process's pipes; its transport's
+                # close() does it (the helper gets EPIPE), instead of a leak until garbage collection.
+                transport = getattr(process, "_transport", None)
+                if transport is not None:
+                    transport.close()
             self.status.pid = None
             self.process = None
             await self.service.exited()
