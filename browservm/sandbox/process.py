@@ -7,7 +7,11 @@ session of its own, so it outlives a controller crash; a restarted controller re
 
 Where bubblewrap works, the agent runs under ``bwrap``: the whole filesystem read-only except its own
 sandbox directory, a private ``/tmp`` (so its X display socket is its alone), and private PID and IPC
-namespaces. Not ``--die-with-parent``: the sandbox must outlive its controller.
+namespaces. The controller's state directory is hidden under an empty tmpfs with only the sandbox's own
+directory bound back: other sandboxes (their homes, credentials and agent sockets), the database, the
+vault keys and the controller's signing key are not there to read. So are the files named in ``hidden``
+(the vault key file and the config file when they live elsewhere). Not ``--die-with-parent``: the sandbox
+must outlive its controller.
 
 Network: **sandboxes share the host's network namespace for now**; the sandbox network (a namespace per
 host with a bridge, an address per sandbox and the nftables egress policy) is a later issue. Its handle
@@ -78,9 +82,17 @@ def _tail(path: Path, size: int = LOG_TAIL_BYTES) -> str:
 class ProcessBackend(SandboxBackend):
     name = "process"
 
-    def __init__(self, state_dir: Path, python: str = sys.executable, use_bwrap: bool | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        python: str = sys.executable,
+        use_bwrap: bool | None = None,
+        hidden: Sequence[Path] = (),
+    ) -> None:
         self.state_dir = state_dir
         self.python = python
+        self.hidden = [path.resolve() for path in hidden]
+        """Secrets outside the state directory that no sandbox may read."""
         self._use_bwrap = use_bwrap
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         """Agents started by this backend instance, so their exit is noticed and reaped at once."""
@@ -132,6 +144,8 @@ class ProcessBackend(SandboxBackend):
             "--dev", "/dev",
             "--proc", "/proc",
             "--tmpfs", "/tmp",  # noqa: S108 - a fresh private tmpfs, not the host /tmp
+            "--tmpfs", str(self.state_dir.resolve()),
+            *self._hide_binds(),
             *self._code_binds(),
             "--bind", str(sandbox_dir), str(sandbox_dir),
             "--unshare-pid",
@@ -142,14 +156,24 @@ class ProcessBackend(SandboxBackend):
             *agent,
         ]  # fmt: skip
 
+    def _hide_binds(self) -> list[str]:
+        binds: list[str] = []
+        for path in self.hidden:
+            if path.is_dir():
+                binds += ["--tmpfs", str(path)]
+            elif path.exists():
+                binds += ["--ro-bind", "/dev/null", str(path)]
+        return binds
+
     def _code_binds(self) -> list[str]:
-        """Read-only binds that bring back the agent's Python and code when they live under /tmp (a
-        checkout or virtualenv there), which the sandbox's private /tmp would otherwise hide."""
+        """Read-only binds that bring back the agent's Python and code when they live where the sandbox
+        sees an empty directory (a checkout or virtualenv under /tmp, or under the state directory)."""
         wanted = {Path(sys.prefix), Path(sys.base_prefix), Path(self.python).parent.parent,
                   Path(browservm.__file__).resolve().parent.parent}  # fmt: skip
+        masked = [Path("/tmp"), self.state_dir.resolve(), *(p for p in self.hidden if p.is_dir())]  # noqa: S108
         binds: list[str] = []
         for path in sorted(wanted):
-            if path.is_dir() and path.resolve().is_relative_to("/tmp"):  # noqa: S108
+            if path.is_dir() and any(path.resolve().is_relative_to(m) for m in masked):
                 binds += ["--ro-bind", str(path), str(path)]
         return binds
 

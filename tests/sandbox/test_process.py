@@ -352,3 +352,63 @@ async def test_demo_login_through_the_sandbox_browser_delivers_credentials(backe
     finally:
         await channel.close()
         await backend.destroy(handle)
+
+
+async def shell(channel: Channel, script: str) -> str:
+    """Run ``script`` in a CLI sandbox; its stdout and stderr together."""
+    import base64
+
+    async with channel.subscribe() as events:
+        request = protocol.Exec(id=channel.next_id(), argv=["sh", "-c", script + " 2>&1"])
+        exec_id = (await channel.request(request))["exec_id"]
+        output = b""
+        async with asyncio.timeout(10):
+            while not isinstance(event := await events.get(), protocol.ExecExit):
+                if isinstance(event, protocol.ExecOutput) and event.exec_id == exec_id:
+                    output += base64.b64decode(event.data_b64)
+    return output.decode()
+
+
+async def test_a_sandbox_reads_neither_other_sandboxes_nor_the_controllers_secrets() -> None:
+    """What a user's commands in their CLI VM can read: their own home, the system; not another user's
+    credentials or agent socket, nor the database, vault keys or config of the controller."""
+    # Not under /tmp, which every sandbox sees empty anyway: the state directory must be hidden itself.
+    state_dir = Path(tempfile.mkdtemp(prefix="bvm-", dir="/var/tmp"))
+    config = state_dir.with_name(state_dir.name + "-config.toml")
+    config.write_text('turn_secret = "hunter2-hunter2"\n')
+    backend = ProcessBackend(state_dir, hidden=[config])
+    try:
+        if not backend.bwrap_usable():
+            pytest.skip("bubblewrap cannot create namespaces here")
+        (state_dir / "vault.json").write_text('{"keys": "the vault key"}')
+        (state_dir / "browservm.db").write_text("sealed credentials of every user")
+        mine = await backend.create(SandboxSpec(sandbox_id="mine", role="cli"))
+        theirs = await backend.create(SandboxSpec(sandbox_id="theirs", role="cli"))
+        channel = await backend.connect(mine, timeout_s=BOOT_S)
+        other = await backend.connect(theirs, timeout_s=BOOT_S)
+        try:
+            blob = protocol.FileBlob(path=".claude/.credentials.json", content_b64="c2VjcmV0LXRva2Vu")
+            await other.request(protocol.WriteFiles(id=other.next_id(), files=[blob]))
+            await channel.request(protocol.WriteFiles(id=channel.next_id(), files=[blob]))
+            sandboxes = state_dir / "sandboxes"
+            assert await shell(channel, f"ls {state_dir}; ls {sandboxes}") == "sandboxes\nmine\n"
+            assert await shell(channel, "cat .claude/.credentials.json") == "secret-token"
+            for path in (
+                sandboxes / "theirs/home/.claude/.credentials.json",
+                sandboxes / "theirs/run/agent.sock",
+                state_dir / "vault.json",
+                state_dir / "browservm.db",
+            ):
+                assert "No such file" in await shell(channel, f"cat {path}"), path
+            read = await shell(channel, f"cat {config}")  # /dev/null over it, on a nodev mount
+            assert "hunter2" not in read and "Permission denied" in read, read
+            assert (sandboxes / "theirs/home/.claude/.credentials.json").exists(), "still there for its owner"
+        finally:
+            await channel.close()
+            await other.close()
+            await backend.destroy(mine)
+            await backend.destroy(theirs)
+    finally:
+        await backend.close()
+        shutil.rmtree(state_dir, ignore_errors=True)
+        config.unlink(missing_ok=True)
