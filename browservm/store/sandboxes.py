@@ -10,8 +10,9 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from browservm.store import events
+from browservm.store.guarded import guarded_update
 from browservm.store.models import Sandbox, new_id, utcnow
-from browservm.store.states import LIVE_SANDBOX, IllegalTransition, SandboxState, sandbox_sources
+from browservm.store.states import LIVE_SANDBOX, SandboxState, sandbox_sources
 
 log = structlog.get_logger(__name__)
 
@@ -56,20 +57,8 @@ async def transition(
     db: AsyncSession, sandbox_id: str, target: SandboxState, *, reason: str = "", **fields: Any
 ) -> Sandbox:
     sources = [s.value for s in sandbox_sources(target)]
-    result = await db.execute(
-        update(Sandbox)
-        .where(Sandbox.id == sandbox_id, Sandbox.state.in_(sources))
-        .values(state=target.value, reason=reason, updated_at=utcnow(), **fields)
-        .execution_options(synchronize_session=False)
-    )
-    sandbox = await get(db, sandbox_id)
-    if sandbox is None:
-        raise LookupError(f"sandbox {sandbox_id} does not exist")
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        log.warning(
-            "sandbox.illegal_transition", sandbox_id=sandbox_id, current=sandbox.state, target=target.value
-        )
-        raise IllegalTransition("sandbox", sandbox_id, sandbox.state, target.value)
+    values = {"state": target.value, "reason": reason, "updated_at": utcnow(), **fields}
+    sandbox = await guarded_update(db, Sandbox, sandbox_id, Sandbox.state, sources, values)
     await events.append(
         db,
         kind="sandbox.state",

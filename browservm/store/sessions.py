@@ -12,10 +12,10 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from browservm.store import events
+from browservm.store.guarded import guarded_update
 from browservm.store.models import Session, utcnow
 from browservm.store.states import (
     TERMINAL_SESSION,
-    IllegalTransition,
     SessionStatus,
     session_sources,
 )
@@ -124,21 +124,7 @@ async def transition(
     if target.terminal:
         values["ended_at"] = now
     sources = [s.value for s in session_sources(target)]
-    result = await db.execute(
-        update(Session)
-        .where(Session.id == session_id, Session.status.in_(sources))
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    session = await get(db, session_id)
-    if session is None:
-        raise LookupError(f"session {session_id} does not exist")
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        log.warning(
-            "session.illegal_transition", session_id=session_id, current=session.status, target=target.value
-        )
-        raise IllegalTransition("session", session_id, session.status, target.value)
-    await db.refresh(session)
+    session = await guarded_update(db, Session, session_id, Session.status, sources, values)
     await events.append(
         db,
         kind="session.status",
