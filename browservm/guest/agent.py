@@ -40,7 +40,7 @@ from browservm.aio import cancel_and_wait
 from browservm.guest.display import ChromiumService, XvfbService
 from browservm.guest.files import ExecRunner, FileRequestError, write_files
 from browservm.guest.supervisor import Service, ServiceLog, ServiceUnavailable, Supervisor, kill_group, spawn
-from browservm.guest.vnc import VncBridge, VncService
+from browservm.guest.vnc import VncAuthError, VncBridge, VncService
 
 log = structlog.get_logger(__name__)
 
@@ -583,7 +583,7 @@ class Agent:
         self.chromium = ChromiumService(
             self.xvfb, screen, self.run_dir / "chromium-profile", env, proxy, url=url
         )
-        self.vnc = VncService(self.xvfb, env)
+        self.vnc = VncService(self.xvfb, env, self.run_dir)
         self.streamer = StreamerService(
             self.xvfb, self.run_dir / "streamer.sock", screen, stream, env, self.emit
         )
@@ -692,7 +692,10 @@ class Agent:
         if self.vnc is None or self.vnc.port is None:
             raise RequestError("vnc_unavailable", "x11vnc is not ready (configure first, or retry)")
         stream_id = next(self._stream_ids)
-        bridge = await VncBridge.open(stream_id, self.vnc.port)
+        try:
+            bridge = await VncBridge.open(stream_id, self.vnc.port, self.vnc.password)
+        except (OSError, asyncio.IncompleteReadError, TimeoutError, VncAuthError) as exc:
+            raise RequestError("vnc_unavailable", f"cannot connect to x11vnc: {exc}") from exc
         connection.streams[stream_id] = bridge
 
         async def closed(stream_id: int) -> None:
