@@ -91,6 +91,7 @@ async def main(rounds: int, warm_pool: int) -> None:
         log_json=False,
         reconcile_interval_s=5,
         warm_pool_size=warm_pool,
+        devtools_debug_port=True,  # the bench signs in by typing into the page over DevTools
     )
     db = Database(settings.effective_database_url)
     await db.migrate()

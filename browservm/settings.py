@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     told), which also makes the streamer ignore non-loopback candidates and ICE servers."""
     run_coturn: bool = False
     """``browservm serve`` starts a local coturn with ``turn_secret`` (development and tests)."""
+    devtools_debug_port: bool = False
+    """Also open each sandbox Chromium's DevTools on a loopback port inside the sandbox (the agent itself
+    uses a pipe). For debugging and tests: with the ``process`` backend that port is on the host's
+    loopback, where anything local can drive the user's browser."""
     viewer_frame_ancestors: str = "*"
     """CSP ``frame-ancestors`` of the viewer page: who may embed it (``'self' https://app.example``)."""
 

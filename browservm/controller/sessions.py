@@ -241,13 +241,19 @@ class SessionService:
                     ice_servers(self.settings, session.id, session_expires_at=session.expires_at.timestamp())
                 ),
                 login_timeout_s=max(1.0, remaining),
+                env=self._service_env(),
             ),
             timeout_s=60,
         )
 
     def prepare_request(self, request_id: int) -> protocol.Prepare:
         """What the warm pool prepares its sandboxes with: exactly what :meth:`_configure` will ask for."""
-        return protocol.Prepare(id=request_id, screen=self._screen(), stream=self._stream([]))
+        return protocol.Prepare(
+            id=request_id, screen=self._screen(), stream=self._stream([]), env=self._service_env()
+        )
+
+    def _service_env(self) -> dict[str, str]:
+        return {"BROWSERVM_DEVTOOLS_PORT": "1"} if self.settings.devtools_debug_port else {}
 
     def _screen(self) -> protocol.ScreenConfig:
         return protocol.ScreenConfig(

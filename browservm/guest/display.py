@@ -12,18 +12,18 @@ display). So each sandbox picks a random number no socket in this network namesp
 across Xvfb restarts (the login CLI's ``DISPLAY`` stays valid). A network namespace per sandbox (a later
 issue) makes this moot.
 
-Chromium runs full screen with the flags this project mandates and ``--remote-debugging-port=0``; the port
-it picked is read from ``DevToolsActivePort`` in its profile, and it is ready once ``/json/version``
-answers there. :meth:`ChromiumService.open_url` navigates the page target over the DevTools protocol and
-remembers the URL, so a Chromium that crashed and was restarted comes back on the same page.
+Chromium runs full screen with the flags this project mandates and ``--remote-debugging-pipe``: the agent
+speaks DevTools over two pipes (:mod:`browservm.guest.devtools`), so no port on a loopback that other
+sandboxes may share offers control of the user's browser. It is ready once ``Browser.getVersion``
+answers. :meth:`ChromiumService.open_url` navigates the page target and remembers the URL, so a Chromium
+that crashed and was restarted comes back on the same page. ``BROWSERVM_DEVTOOLS_PORT=1`` in the
+service environment adds a loopback DevTools port as well, for debugging and tests only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import json
 import os
 import secrets
 import shutil
@@ -31,11 +31,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import httpx
 import structlog
-import websockets.asyncio.client
 
 from browservm import protocol
+from browservm.guest.devtools import DevToolsError, DevToolsPipe
 from browservm.guest.supervisor import Service, ServiceLog, ServiceNotReady, ServiceUnavailable, spawn
 
 log = structlog.get_logger(__name__)
@@ -124,11 +123,11 @@ class XvfbService(Service):
                     "-nolisten",
                     "local",
                     "-displayfd",
-                    str(write_fd),
+                    "3",
                 ],
                 env=self.env,
                 log_to=log_to,
-                pass_fds=(write_fd,),
+                fds={3: write_fd},
             )
         except BaseException:
             os.close(read_fd)
@@ -184,20 +183,20 @@ class ChromiumService(Service):
         self.url = url or "about:blank"
         """The page Chromium shows; reopened after a restart."""
         self.devtools_port: int | None = None
+        """The debugging port, when ``BROWSERVM_DEVTOOLS_PORT=1`` asked for one; the agent uses the pipe."""
+        self.devtools: DevToolsPipe | None = None
         self._launched_url = self.url
         self._shown_url: str | None = None
         """The URL last navigated to (and loaded, or given up on) in the running Chromium."""
         self._ready = asyncio.Event()
         """Set while Chromium runs, answers DevTools and shows :attr:`url`."""
-        self._ids = itertools.count(1)
 
     def argv(self, binary: str) -> list[str]:
         argv = [
             binary,
             *MANDATORY_CHROMIUM_FLAGS,
             f"--user-data-dir={self.profile_dir}",
-            "--remote-debugging-address=127.0.0.1",
-            "--remote-debugging-port=0",
+            "--remote-debugging-pipe",
             "--kiosk",
             "--start-fullscreen",
             "--window-position=0,0",
@@ -208,6 +207,8 @@ class ChromiumService(Service):
             "--password-store=basic",
             "--disable-features=Translate,MediaRouter",
         ]
+        if self.debug_port:
+            argv += ["--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0"]
         if self.proxy is not None:
             # Proxy credentials cannot go on the command line; they need a DevTools auth handler (not
             # built yet), so a proxy that asks for them will show its 407 page.
@@ -231,27 +232,32 @@ class ChromiumService(Service):
         env = {**self.env, "DISPLAY": self.xvfb.display}
         self._ready.clear()
         self._launched_url = self._shown_url = self.url
-        return await spawn(self.argv(binary), env=env, log_to=log_to)
+        devtools = DevToolsPipe()
+        try:
+            process = await spawn(self.argv(binary), env=env, log_to=log_to, fds=devtools.child_fds)
+        except BaseException:
+            devtools.close_unused()
+            raise
+        await devtools.open()
+        self.devtools = devtools
+        return process
+
+    @property
+    def debug_port(self) -> bool:
+        return self.env.get("BROWSERVM_DEVTOOLS_PORT") == "1"
 
     async def wait_ready(self, process: asyncio.subprocess.Process) -> None:
-        port_file = self.profile_dir / "DevToolsActivePort"
-        # Chromium writes this file once its DevTools server listens; there is no other signal to wait
-        # on without a pipe protocol, so poll it briefly.
-        while True:
-            port = _devtools_port(port_file)
-            if port is not None:
-                break
-            await asyncio.sleep(POLL_S)
-        async with httpx.AsyncClient(timeout=2.0) as client:
-            while True:
-                try:
-                    response = await client.get(f"http://127.0.0.1:{port}/json/version")
-                    if response.status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
+        assert self.devtools is not None
+        # Chromium reads the pipe once its DevTools handler runs: the first answer is the signal.
+        await self.devtools.call("Browser.getVersion", timeout_s=self.ready_timeout_s)
+        if self.debug_port:
+            port_file = self.profile_dir / "DevToolsActivePort"
+            while True:  # written once the debugging port listens (soon after the pipe answered)
+                port = _devtools_port(port_file)
+                if port is not None:
+                    break
                 await asyncio.sleep(POLL_S)
-        self.devtools_port = port
+            self.devtools_port = port
         if self.url != self._shown_url:
             # open_url arrived while this Chromium was starting: show that page, not the launch one.
             await self._navigate(self.url)
@@ -260,6 +266,9 @@ class ChromiumService(Service):
     async def exited(self) -> None:
         self._ready.clear()
         self.devtools_port = None
+        if self.devtools is not None:
+            await self.devtools.close()
+            self.devtools = None
 
     async def open_url(self, url: str) -> None:
         """Show ``url`` and return once its page has loaded (or after :data:`PAGE_LOAD_WAIT_S`).
@@ -284,54 +293,56 @@ class ChromiumService(Service):
         """The URL of the page target, as DevTools reports it."""
         return str((await self._page_target())["url"])
 
+    def _pipe(self) -> DevToolsPipe:
+        if self.devtools is None:
+            raise DevToolsError("Chromium is not running")
+        return self.devtools
+
     async def _page_target(self) -> dict[str, Any]:
-        async with httpx.AsyncClient(timeout=5.0) as client:
-            response = await client.get(f"http://127.0.0.1:{self.devtools_port}/json/list")
-        pages = [t for t in response.json() if t.get("type") == "page"]
+        targets = (await self._pipe().call("Target.getTargets"))["targetInfos"]
+        pages = [t for t in targets if t.get("type") == "page"]
         if not pages:
-            raise RuntimeError("Chromium has no page target to navigate (did the kiosk window close?)")
+            raise DevToolsError("Chromium has no page target to navigate (did the kiosk window close?)")
         page: dict[str, Any] = pages[0]
         return page
 
     async def _navigate(self, url: str) -> None:
         """Navigate the page target to ``url`` and wait (bounded) for that document's load event."""
+        devtools = self._pipe()
         target = await self._page_target()
-        loaded: set[str] = set()
-        """Loader ids whose document fired ``load``: the event can arrive before the navigate reply."""
-        async with websockets.asyncio.client.connect(
-            target["webSocketDebuggerUrl"], max_size=None, open_timeout=5
-        ) as ws:
+        attached = await devtools.call(
+            "Target.attachToTarget", {"targetId": target["targetId"], "flatten": True}
+        )
+        session = attached["sessionId"]
+        try:
+            with devtools.events() as events:
+                await devtools.call("Page.enable", session_id=session)
+                await devtools.call("Page.setLifecycleEventsEnabled", {"enabled": True}, session_id=session)
+                result = await devtools.call("Page.navigate", {"url": url}, session_id=session)
+                if result.get("errorText"):
+                    raise DevToolsError(f"Chromium could not open the page: {result['errorText']}")
+                self._shown_url = url
+                loader = result.get("loaderId")
+                if loader is None:
+                    return  # a same-document navigation (a fragment): nothing more loads
+                try:
+                    async with asyncio.timeout(PAGE_LOAD_WAIT_S):
+                        while not _is_load_of(await events.get(), session, loader):
+                            pass
+                except TimeoutError:
+                    # A slow subresource must not hold the sign-in up: the document itself is on screen.
+                    log.warning("chromium.page_load_slow", url=url, waited_s=PAGE_LOAD_WAIT_S)
+        finally:
+            with contextlib.suppress(DevToolsError):
+                await devtools.call("Target.detachFromTarget", {"sessionId": session})
 
-            async def receive() -> dict[str, Any]:
-                message: dict[str, Any] = json.loads(await ws.recv())
-                if message.get("method") == "Page.lifecycleEvent" and message["params"].get("name") == "load":
-                    loaded.add(message["params"].get("loaderId"))
-                return message
 
-            async def call(method: str, params: dict[str, Any]) -> dict[str, Any]:
-                call_id = next(self._ids)
-                await ws.send(json.dumps({"id": call_id, "method": method, "params": params}))
-                async with asyncio.timeout(10):
-                    while (message := await receive()).get("id") != call_id:
-                        pass
-                if "error" in message:
-                    raise RuntimeError(f"DevTools {method} failed: {message['error'].get('message')}")
-                result: dict[str, Any] = message.get("result", {})
-                return result
-
-            await call("Page.enable", {})
-            await call("Page.setLifecycleEventsEnabled", {"enabled": True})
-            result = await call("Page.navigate", {"url": url})
-            if result.get("errorText"):
-                raise RuntimeError(f"Chromium could not open the page: {result['errorText']}")
-            self._shown_url = url
-            loader = result.get("loaderId")
-            if loader is None:
-                return  # a same-document navigation (a fragment): nothing more loads
-            try:
-                async with asyncio.timeout(PAGE_LOAD_WAIT_S):
-                    while loader not in loaded:
-                        await receive()
-            except TimeoutError:
-                # A slow subresource must not hold the sign-in up: the document itself is on screen.
-                log.warning("chromium.page_load_slow", url=url, waited_s=PAGE_LOAD_WAIT_S)
+def _is_load_of(event: dict[str, Any], session: str, loader: str) -> bool:
+    """Whether ``event`` is the ``load`` lifecycle event of that document in that attached session."""
+    params = event.get("params", {})
+    return (
+        event.get("sessionId") == session
+        and event.get("method") == "Page.lifecycleEvent"
+        and params.get("name") == "load"
+        and params.get("loaderId") == loader
+    )

@@ -19,6 +19,8 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import fcntl
+import functools
 import os
 import signal
 import time
@@ -90,9 +92,14 @@ _prctl = ctypes.CDLL(None, use_errno=True).prctl
 # another thread of the agent (asyncio's child watchers) may hold.
 
 
-def _die_with_agent() -> None:
-    # Runs in the child between fork and exec: ask the kernel to SIGTERM it when the agent dies.
+def _child_setup(fds: Mapping[int, int]) -> None:
+    # Runs in the child between fork and exec: ask the kernel to SIGTERM it when the agent dies, and put
+    # each inherited descriptor at the number the program expects (via a high copy, so that a source that
+    # already sits at another target's number is not overwritten first).
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    copies = {target: fcntl.fcntl(source, fcntl.F_DUPFD, 64) for target, source in fds.items()}
+    for target, copy in copies.items():
+        os.dup2(copy, target)
 
 
 async def spawn(
@@ -101,9 +108,11 @@ async def spawn(
     env: Mapping[str, str],
     log_to: ServiceLog,
     cwd: Path | None = None,
-    pass_fds: Sequence[int] = (),
+    fds: Mapping[int, int] | None = None,
 ) -> asyncio.subprocess.Process:
-    """Start ``argv`` in its own process group, its output pumped into ``log_to``."""
+    """Start ``argv`` in its own process group, its output pumped into ``log_to``. ``fds`` maps a
+    descriptor number the program expects to one of ours it gets there (e.g. ``{3: read_end}``)."""
+    fds = dict(fds or {})
     try:
         process = await asyncio.create_subprocess_exec(
             *argv,
@@ -112,9 +121,9 @@ async def spawn(
             stderr=asyncio.subprocess.STDOUT,
             env=dict(env),
             cwd=cwd,
-            pass_fds=tuple(pass_fds),
+            pass_fds=tuple(fds),
             start_new_session=True,
-            preexec_fn=_die_with_agent,  # the agent's loop runs in its only thread
+            preexec_fn=functools.partial(_child_setup, fds),  # the agent's loop runs in its only thread
         )
     except FileNotFoundError as exc:
         raise ServiceUnavailable(f"{argv[0]} is not installed in this guest: {exc}") from exc

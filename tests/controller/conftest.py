@@ -69,6 +69,7 @@ def controller_settings(tmp_path: Path, database_url: str, **overrides: Any) -> 
         "session_ttl_s": 120,
         "reconcile_interval_s": 1,
         "warm_pool_size": 0,  # sessions boot their own sandbox unless a test asks for the pool
+        "devtools_debug_port": True,  # tests sign in by typing into the sandbox's page over DevTools
         "log_json": False,
         "log_level": "warning",
     }

@@ -347,12 +347,13 @@ async def test_a_prepared_sandbox_serves_only_the_session_it_was_prepared_for(sh
     session over without restarting them, and refuses settings the services were not started with."""
     agent = start_agent(short_dir, "browser", sandbox_id="sb-warm")
     screen = protocol.ScreenConfig(width=640, height=480, fps=5)
+    debug = {"BROWSERVM_DEVTOOLS_PORT": "1"}  # a DevTools port beside the agent's pipe, to watch the page
     try:
         channel = await agent.connect()
         assert "prepare" in channel.hello.capabilities
         ready: set[str] = set()
         async with channel.subscribe() as events:
-            await channel.request(protocol.Prepare(id=channel.next_id(), screen=screen))
+            await channel.request(protocol.Prepare(id=channel.next_id(), screen=screen, env=debug))
             async with asyncio.timeout(30):
                 while ready != {"xvfb", "chromium", "vnc", "streamer"}:
                     event = await events.get()
@@ -361,6 +362,7 @@ async def test_a_prepared_sandbox_serves_only_the_session_it_was_prepared_for(sh
                         ready.add(event.service)
         prepared = await channel.request(protocol.Status(id=channel.next_id()))
         assert prepared["prepared"] and not prepared["configured"]
+        assert prepared["devtools_port"], "asked for: the test watches the page through it"
         pids = prepared["pids"]
 
         with pytest.raises(AgentError) as refused:
@@ -383,6 +385,7 @@ async def test_a_prepared_sandbox_serves_only_the_session_it_was_prepared_for(sh
                 screen=screen,
                 stream=protocol.StreamConfig(ice_servers=[turn]),  # the session's own: allowed to differ
                 start_url=page,
+                env=debug,
             )
         )
         async with asyncio.timeout(15):
@@ -404,3 +407,46 @@ async def page_url(devtools_port: int) -> str:
     async with httpx.AsyncClient() as client:
         targets = (await client.get(f"http://127.0.0.1:{devtools_port}/json/list")).json()
     return next((str(t["url"]) for t in targets if t.get("type") == "page"), "")
+
+
+@pytest.mark.browser
+async def test_the_agent_drives_chromium_over_a_pipe_and_no_port_is_open(short_dir: Path) -> None:
+    """Loopback may be shared with other sandboxes: Chromium must not listen on it unless asked."""
+    import psutil
+
+    agent = start_agent(short_dir, "browser", sandbox_id="sb-pipe")
+    try:
+        channel = await agent.connect()
+        async with channel.subscribe() as events:
+            screen = protocol.ScreenConfig(width=640, height=480, fps=5)
+            await channel.request(
+                protocol.Configure(
+                    id=channel.next_id(), session_id="s1", screen=screen, start_url="about:blank"
+                )
+            )
+            async with asyncio.timeout(30):
+                while True:
+                    event = await events.get()
+                    assert event is not None
+                    if isinstance(event, protocol.ServiceState) and event.service == "chromium":
+                        assert event.state != "failed", event.detail
+                        if event.state == "ready":
+                            break
+        opened = await channel.request(
+            protocol.OpenUrl(id=channel.next_id(), url="data:text/html,<title>over the pipe</title>")
+        )
+        assert opened == {"url": "data:text/html,<title>over the pipe</title>"}
+        status = await channel.request(protocol.Status(id=channel.next_id()))
+        assert status["devtools_port"] is None
+        assert not (short_dir / "run" / "chromium-profile" / "DevToolsActivePort").exists()
+        browser = psutil.Process(status["pids"]["chromium"])
+        listening = [
+            c.laddr
+            for p in (browser, *browser.children(recursive=True))
+            for c in p.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN
+        ]
+        assert listening == [], f"Chromium listens on {listening}"
+        await channel.close()
+    finally:
+        stop_agent(agent)

@@ -24,6 +24,8 @@ from browservm.sandbox.channel import AgentError, Channel
 from browservm.sandbox.process import MARKER_ENV, ProcessBackend
 
 BOOT_S = 20.0
+DEBUG_PORT = {"BROWSERVM_DEVTOOLS_PORT": "1"}
+"""Service environment that opens a DevTools port beside the agent's pipe, so a test can watch the page."""
 
 
 @pytest.fixture
@@ -128,6 +130,7 @@ async def test_browser_sandbox_shows_the_page_survives_a_chromium_crash_and_is_d
                 session_id="s1",
                 start_url=start_url,
                 screen=protocol.ScreenConfig(width=800, height=600, fps=5),
+                env=DEBUG_PORT,  # the test watches the page through it; the agent uses its pipe
             )
             result = await channel.request(configure)
             assert {"xvfb", "chromium", "vnc"} <= set(result["services"])
@@ -313,6 +316,7 @@ async def test_demo_login_through_the_sandbox_browser_delivers_credentials(backe
                         provider="demo",
                         provider_options={"issuer": issuer},
                         screen=protocol.ScreenConfig(width=800, height=600, fps=5),
+                        env=DEBUG_PORT,
                     )
                 )
                 async with asyncio.timeout(BOOT_S):

@@ -309,6 +309,7 @@ async def run(state_dir: Path, results: Results) -> None:
         port=free_port(),
         max_sandboxes=2,
         warm_pool_size=1,  # the session takes a warm sandbox, as on a production host
+        devtools_debug_port=True,  # to check what the viewer's input did to the remote page
         session_ttl_s=300,
         reconcile_interval_s=1,
         log_json=False,

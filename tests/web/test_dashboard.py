@@ -31,7 +31,9 @@ async def test_dashboard_starts_and_lists_a_demo_session(
 
     await page.fill("#api-key", "not-a-key")
     await page.click("#key-form button[type=submit]")
-    await page.wait_for_function("document.querySelector('#key-state').textContent.includes('401')")
+    # A locator wait, not wait_for_function: polling a string predicate needs eval, which the page's
+    # Content-Security-Policy (script-src 'self') rightly refuses whenever the first check comes too early.
+    await page.locator("#key-state", has_text="401").wait_for()
     assert await page.locator("#panel").is_hidden()
 
     await page.fill("#api-key", controller.key)
