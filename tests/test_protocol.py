@@ -81,3 +81,29 @@ def test_an_unknown_type_is_told_apart_from_garbage() -> None:
 async def test_malformed_frames_are_protocol_errors(data: bytes, error: str) -> None:
     with pytest.raises(protocol.ProtocolError, match=error):
         await protocol.read_frame(feed(data))
+
+
+async def test_a_streams_first_bytes_right_behind_its_reply_are_not_lost() -> None:
+    """An RFB server speaks first: the agent's first stream frame can arrive in the same read as the reply
+    that names the stream. The channel must already know the stream by then."""
+    import socket
+
+    from browservm.sandbox.channel import Channel
+
+    ours, theirs = socket.socketpair()
+    reader, writer = await asyncio.open_connection(sock=ours)
+    agent_reader, agent_writer = await asyncio.open_connection(sock=theirs)
+    hello = protocol.Hello(sandbox_id="sb", role="browser", agent_version="1", capabilities=[])
+    agent_writer.write(protocol.encode_message(hello))
+    channel = await Channel.handshake("sb", reader, writer)
+    try:
+        opening = asyncio.create_task(channel.open_stream("vnc"))
+        frame = await protocol.read_frame(agent_reader)
+        assert frame is not None and isinstance(frame[1], protocol.OpenStream)
+        reply = protocol.Reply(id=frame[1].id, ok=True, result={"stream_id": 7})
+        agent_writer.write(protocol.encode_message(reply) + protocol.encode_stream(7, b"RFB 003.008\n"))
+        stream = await asyncio.wait_for(opening, 5)
+        assert await asyncio.wait_for(stream.read(), 5) == b"RFB 003.008\n"
+    finally:
+        await channel.close()
+        agent_writer.close()

@@ -97,6 +97,8 @@ class Channel:
         self._pending: dict[int, asyncio.Future[protocol.Reply]] = {}
         self._subscribers: list[asyncio.Queue[BaseModel | None]] = []
         self._streams: dict[int, ByteStream] = {}
+        self._opening: dict[int, ByteStream | None] = {}
+        """Requests opening a stream, by request id: the stream once its reply was read."""
         self._write_lock = asyncio.Lock()
         self.closed = asyncio.Event()
         self._reader_task = asyncio.create_task(self._read_loop(), name=f"channel-{sandbox_id}")
@@ -146,12 +148,16 @@ class Channel:
         return reply.result
 
     async def open_stream(self, target: Literal["vnc"], *, timeout_s: float = 10.0) -> ByteStream:
-        result = await self.request(
-            protocol.OpenStream(id=self.next_id(), target=target),
-            timeout_s=timeout_s,
-        )
-        stream = ByteStream(self, int(result["stream_id"]))
-        self._streams[stream.stream_id] = stream
+        request = protocol.OpenStream(id=self.next_id(), target=target)
+        # The agent may send the stream's first bytes right behind its reply (an RFB server speaks
+        # first): the reader registers the stream as it reads the reply, before anything else.
+        self._opening[request.id] = None
+        try:
+            await self.request(request, timeout_s=timeout_s)
+            stream = self._opening[request.id]
+        finally:
+            self._opening.pop(request.id, None)
+        assert stream is not None
         return stream
 
     # ------------------------------------------------------------------ events
@@ -205,6 +211,10 @@ class Channel:
 
     def _dispatch(self, message: BaseModel) -> None:
         if isinstance(message, protocol.Reply):
+            if message.id in self._opening and message.ok and message.result:
+                opened = ByteStream(self, int(message.result["stream_id"]))
+                self._streams[opened.stream_id] = opened
+                self._opening[message.id] = opened
             future = self._pending.get(message.id)
             if future is not None and not future.done():
                 future.set_result(message)
