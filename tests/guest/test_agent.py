@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from browservm import protocol
 from browservm.sandbox.channel import AgentError, Channel
+from tests.sandbox.test_process import eventually_page_url
 
 
 @dataclass
@@ -388,25 +389,13 @@ async def test_a_prepared_sandbox_serves_only_the_session_it_was_prepared_for(sh
                 env=debug,
             )
         )
-        async with asyncio.timeout(15):
-            while True:
-                status = await channel.request(protocol.Status(id=channel.next_id()))
-                if status["devtools_port"] and await page_url(status["devtools_port"]) == page:
-                    break
-                await asyncio.sleep(0.1)
+        await eventually_page_url(channel, page)
+        status = await channel.request(protocol.Status(id=channel.next_id()))
         assert status["configured"]
         assert status["pids"] == pids, "handing the session over restarted no service"
         await channel.close()
     finally:
         stop_agent(agent)
-
-
-async def page_url(devtools_port: int) -> str:
-    import httpx
-
-    async with httpx.AsyncClient() as client:
-        targets = (await client.get(f"http://127.0.0.1:{devtools_port}/json/list")).json()
-    return next((str(t["url"]) for t in targets if t.get("type") == "page"), "")
 
 
 @pytest.mark.browser
