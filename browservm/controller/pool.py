@@ -194,7 +194,7 @@ class WarmPool:
             while ready != set(SERVICES):
                 event = await events.get()
                 if event is None:
-                    raise ChannelClosed("the agent went away while its services started")
+                    raise ChannelClosed(channel.sandbox_id, "the agent went away while its services started")
                 if isinstance(event, protocol.ServiceState) and event.service in SERVICES:
                     if event.state == "ready":
                         ready.add(event.service)
