@@ -247,7 +247,7 @@ class Shutdown(RequestBase):
     type: Literal["shutdown"] = "shutdown"
 
 
-Request = Annotated[
+_Requests = (
     Configure
     | Prepare
     | Status
@@ -257,9 +257,9 @@ Request = Annotated[
     | WriteFiles
     | Exec
     | CollectCredentials
-    | Shutdown,
-    Field(discriminator="type"),
-]
+    | Shutdown
+)
+Request = Annotated[_Requests, Field(discriminator="type")]
 
 
 class Reply(_Model):
@@ -325,32 +325,11 @@ class ExecExit(_Model):
     timed_out: bool = False
 
 
-Event = Annotated[
-    ServiceState | LoginState | SignalEvent | ExecOutput | ExecExit | CloseStream,
-    Field(discriminator="type"),
-]
+_Events = ServiceState | LoginState | SignalEvent | ExecOutput | ExecExit | CloseStream
+Event = Annotated[_Events, Field(discriminator="type")]
 
-Message = Annotated[
-    Hello
-    | Configure
-    | Prepare
-    | Status
-    | OpenUrl
-    | Signal
-    | OpenStream
-    | WriteFiles
-    | Exec
-    | CollectCredentials
-    | Shutdown
-    | Reply
-    | ServiceState
-    | LoginState
-    | SignalEvent
-    | ExecOutput
-    | ExecExit
-    | CloseStream,
-    Field(discriminator="type"),
-]
+Message = Annotated[Hello | Reply | _Requests | _Events, Field(discriminator="type")]
+"""Anything either side may send: the union of one level (``|`` of unions flattens)."""
 
 _MESSAGE: TypeAdapter[Message] = TypeAdapter(Message)
 
