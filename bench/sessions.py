@@ -23,7 +23,6 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import psutil
@@ -34,6 +33,7 @@ from browservm.controller.app import create_app
 from browservm.settings import Settings
 from browservm.store import api_keys
 from browservm.store.database import Database
+from browservm_client import AsyncClient
 
 
 def _free_port() -> int:
@@ -42,20 +42,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def _wait(
-    client: httpx.AsyncClient, session_id: str, *wanted: str, timeout_s: float = 120
-) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        body: dict[str, Any] = (await client.get(f"/v1/sessions/{session_id}")).json()
-        if body["status"] in wanted:
-            return body
-        await asyncio.sleep(0.02)
-    raise TimeoutError(f"{session_id} never reached {wanted}")
-
-
-async def _warm(client: httpx.AsyncClient, size: int) -> None:
-    while f"browservm_warm_pool_idle {size:.1f}" not in (await client.get("/metrics")).text:
+async def _warm(client: AsyncClient, size: int) -> None:
+    while f"browservm_warm_pool_idle {size:.1f}" not in await client.metrics():
         await asyncio.sleep(0.05)
 
 
@@ -105,34 +93,30 @@ async def main(rounds: int, warm_pool: int) -> None:
     while not server.started:
         await asyncio.sleep(0.02)
     rows: dict[str, list[float]] = {k: [] for k in ("create", "awaiting_user", "completed", "destroyed")}
-    async with httpx.AsyncClient(
-        base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {secret}"}, timeout=30
-    ) as client:
-        await client.post("/v1/users/bench/cli-vm")
+    async with AsyncClient(secret, base_url=f"http://127.0.0.1:{port}") as client:
+        await client.cli_vms.create("bench")
         for n in range(rounds):
             await _warm(client, warm_pool)
             start = time.perf_counter()
-            created = (
-                await client.post("/v1/sessions", json={"user_id": "bench", "provider": "demo"})
-            ).json()
+            created = await client.sessions.create(user_id="bench", provider="demo")
             rows["create"].append(time.perf_counter() - start)
-            waiting = await _wait(client, created["id"], "awaiting_user")
+            # The client follows the session's event stream: it hears each change as it is stored.
+            waiting = await client.sessions.wait(created.id, "awaiting_user", timeout=120)
             rows["awaiting_user"].append(time.perf_counter() - start)
-            sandbox = state_dir / "sandboxes" / waiting["sandbox_id"]
+            assert waiting.sandbox_id
+            sandbox = state_dir / "sandboxes" / waiting.sandbox_id
             await _sign_in(sandbox, f"user{n}@example.com")
-            done = await _wait(client, created["id"], "completed", "failed")
-            assert done["status"] == "completed", done
+            await client.sessions.wait(created.id, "completed", timeout=120)
             rows["completed"].append(time.perf_counter() - start)
             while sandbox.exists():
                 await asyncio.sleep(0.02)
             rows["destroyed"].append(time.perf_counter() - start)
         rss = psutil.Process().memory_info().rss / 2**20
         hit_line = next(
-            (line for line in (await client.get("/metrics")).text.splitlines() if 'result="hit"}' in line),
-            "0",
+            (line for line in (await client.metrics()).splitlines() if 'result="hit"}' in line), "0"
         )
         hits = int(float(hit_line.rsplit(" ", 1)[-1]))
-        await client.delete("/v1/users/bench/cli-vm")
+        await client.cli_vms.delete("bench")
     server.should_exit = True
     await task
     print(

@@ -351,11 +351,10 @@ async def run_webrtc_case(
         pc.on("track", on_track)
         await pc.setLocalDescription(await pc.createOffer())
         offered = time.monotonic()
-        reply = await chan.request(
-            protocol.Signal, peer_id="bench", kind="offer", sdp=pc.localDescription.sdp
+        answer = await chan.request(
+            protocol.Signal(peer_id="bench", kind="offer", sdp=pc.localDescription.sdp)
         )
-        assert reply.ok, reply.error
-        await pc.setRemoteDescription(RTCSessionDescription(**reply.result))
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer.sdp, type="answer"))
         track = await asyncio.wait_for(got_track, 10)
         await asyncio.wait_for(track.recv(), 10)
         ttff = (time.monotonic() - offered) * 1000
@@ -376,7 +375,7 @@ async def run_webrtc_case(
         sender = CpuMeter(streamer.pid)
         browser = CpuMeter(chromium.proc.pid, tree=True)
         receiver_cpu = CpuMeter(os.getpid())
-        before = (await chan.request(protocol.Status)).result
+        before = await chan.request(protocol.StreamStatus())
         tally.start()
         stop = asyncio.Event()
         clicks = asyncio.create_task(clicker(tally, click, stop))
@@ -389,14 +388,14 @@ async def run_webrtc_case(
         stop.set()
         await clicks
         sender_cpu, chromium_cpu = sender.read(), browser.read()
-        status = (await chan.request(protocol.Status)).result
-        kbps = (status["bytes"] - before["bytes"]) * 8 / elapsed / 1000
-        fps_sent = (status["frames"] - before["frames"]) / elapsed
+        status = await chan.request(protocol.StreamStatus())
+        kbps = (status.bytes - before.bytes) * 8 / elapsed / 1000
+        fps_sent = (status.frames - before.frames) / elapsed
         print(
             f"  {name}: encoded {fps_sent:.1f} fps, receiver process CPU {receiver_cpu.read():.0f} %",
             file=sys.stderr,
         )
-        return summarize(name, str(status["capture"]), tally, elapsed, sender_cpu, chromium_cpu, kbps, ttff)
+        return summarize(name, str(status.capture), tally, elapsed, sender_cpu, chromium_cpu, kbps, ttff)
     finally:
         await pc.close()
         if chan is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
@@ -17,14 +18,18 @@ from browservm.store import sessions as session_store
 from browservm.store.database import Database
 from browservm.store.models import Session
 from browservm.store.states import IllegalTransition, SessionStatus
+from browservm_client import BrowserVMError, Client, ConfigurationError, SessionEnded, WaitTimeout
+from browservm_client.models import Provider
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 keys_app = typer.Typer(no_args_is_help=True, help="Operator API keys.")
-sessions_app = typer.Typer(no_args_is_help=True, help="Inspect and cancel sessions.")
+sessions_app = typer.Typer(no_args_is_help=True, help="Start, inspect and cancel sessions.")
 vault_app = typer.Typer(no_args_is_help=True, help="The credential vault's keys.")
+image_app = typer.Typer(no_args_is_help=True, help="The guest image every sandbox runs (docs/image.md).")
 app.add_typer(keys_app, name="keys")
 app.add_typer(sessions_app, name="sessions")
 app.add_typer(vault_app, name="vault")
+app.add_typer(image_app, name="image")
 
 T = TypeVar("T")
 
@@ -61,10 +66,15 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Address to bind (BROWSERVM_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="Port (BROWSERVM_PORT)")] = None,
 ) -> None:
-    """Run the controller. Creates an operator API key on first run and prints it once."""
+    """Run the controller. Creates an operator API key on first run and prints it once.
+
+    Stopping it (SIGTERM, Ctrl-C) leaves its sandboxes running for a restart to take over; a guest that
+    no controller speaks to for BROWSERVM_GUEST_IDLE_TIMEOUT_S (120 s) ends itself.
+    """
     import uvicorn
 
     from browservm.controller.app import create_app
+    from browservm.controller.server import raise_open_file_limit, uvicorn_config
 
     settings = _settings(host=host, port=port)
     logs.configure(settings.log_level, json=settings.log_json)
@@ -82,18 +92,8 @@ def serve(
         typer.echo(f"Operator API key (shown once, keep it): {secret}")
     typer.echo(f"Dashboard: {base}/   API: {base}/v1   OpenAPI: {base}/openapi.json")
     sys.stdout.flush()
-    config = uvicorn.Config(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=10,
-        # Outlive the usual 60 s idle timeout of load balancers in front, so they close first.
-        timeout_keep_alive=75,
-        ws_max_size=4 * 1024 * 1024,
-    )
-    uvicorn.Server(config).run()
+    raise_open_file_limit()
+    uvicorn.Server(uvicorn_config(create_app(settings), settings)).run()
 
 
 @app.command()
@@ -190,6 +190,52 @@ def _session_row(s: Session) -> dict[str, Any]:
         "created_at": s.created_at.isoformat(),
         "expires_at": s.expires_at.isoformat(),
     }
+
+
+@sessions_app.command("create")
+def sessions_create(
+    user: Annotated[str, typer.Option("--user", help="Your id for the end user")],
+    provider: Annotated[Provider, typer.Option("--provider", help="The CLI to sign in")],
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait for the sign-in; exit 0 only if it completes")
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds --wait waits", min=1)] = 900,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Start a sign-in through the API, as an operator's backend does; prints its id and viewer URL.
+
+    Uses BROWSERVM_API_KEY, and BROWSERVM_URL (default: this host's controller, BROWSERVM_PUBLIC_URL).
+    """
+    base_url = os.environ.get("BROWSERVM_URL") or _settings().effective_public_url
+    try:
+        with Client(base_url=base_url) as client:
+            session = client.sessions.create(user_id=user, provider=provider)
+            if as_json:
+                typer.echo(session.model_dump_json(indent=2))
+            else:
+                typer.echo(f"{session.id}  {session.status}  {session.provider}  {session.user_id}")
+                typer.echo(f"viewer: {session.viewer_url}")
+            if not wait:
+                return
+            sys.stdout.flush()
+            typer.echo("waiting for the user to sign in...", err=True)
+            done = client.sessions.wait(session.id, "completed", timeout=timeout)
+    except ConfigurationError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except SessionEnded as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except WaitTimeout as exc:
+        typer.echo(f"error: {exc}; it goes on (see 'browservm sessions show {exc.session_id}')", err=True)
+        raise typer.Exit(1) from None
+    except BrowserVMError as exc:
+        typer.echo(
+            f"error: {exc} (is the controller running? 'browservm serve', or set BROWSERVM_URL)", err=True
+        )
+        raise typer.Exit(1) from None
+    account = done.account.get("email") or done.account.get("account_id") or "the user"
+    typer.echo(done.model_dump_json(indent=2) if as_json else f"{done.id}  completed  signed in as {account}")
 
 
 @sessions_app.command("list")
@@ -313,6 +359,105 @@ def vault_reseal() -> None:
 
     changed, total = _with_db(settings, work)
     typer.echo(f"re-sealed {changed} of {total} credential sets under key {vault.active_key_id}")
+
+
+# ---------------------------------------------------------------------------------------------- image
+
+
+@image_app.command("build")
+def image_build(
+    variant: Annotated[
+        str, typer.Option(help="browser (Xvfb, Chromium, the CLIs) or minimal (the agent only, for VM tests)")
+    ] = "browser",
+    rebuild: Annotated[
+        bool, typer.Option(help="Build every stage again (picks up Debian's and npm's updates)")
+    ] = False,
+) -> None:
+    """Build the guest image (or find it already built): a Debian tree, its ext4, the kernel files."""
+    from browservm.sandbox import image
+    from browservm.sandbox.image.progress import RichProgress
+
+    if variant not in image.VARIANTS:
+        typer.echo(f"error: --variant must be one of {', '.join(image.VARIANTS)}, not {variant!r}", err=True)
+        raise typer.Exit(2)
+    settings = _settings()
+    try:
+        recipe = image.Recipe(variant)
+        with RichProgress() as progress:
+            result = image.builder_for(settings, progress).build(recipe, rebuild=rebuild)
+    except (image.ImageBuildError, FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    built = result.image
+    if result.rebuilt:
+        typer.echo(
+            f"built {built.path.name} in {result.seconds:.1f} s (stages run: {', '.join(result.rebuilt)})"
+        )
+    else:
+        typer.echo(f"{built.path.name} is up to date (nothing changed)")
+    for name, output in built.manifest.outputs.items():
+        typer.echo(f"  {name:<14} {output.bytes / 2**20:8.1f} MiB  {built.path / output.path}")
+    others = [
+        i for i in image.store_for(settings).images() if i.variant == built.variant and i.path != built.path
+    ]
+    if others:
+        typer.echo(
+            f"{len(others)} older {built.variant} image(s) remain: 'browservm image prune' removes them"
+        )
+
+
+@image_app.command("list")
+def image_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Built images, newest first; * marks each variant's current one."""
+    from browservm.sandbox import image
+
+    settings = _settings()
+    store = image.store_for(settings)
+    current = {built.path for variant in image.VARIANTS if (built := store.current(variant)) is not None}
+    rows: list[dict[str, Any]] = [
+        {
+            "name": built.path.name,
+            "variant": built.variant,
+            "key": built.key,
+            "current": built.path in current,
+            "built_at": built.manifest.built_at.isoformat(),
+            "path": str(built.path),
+            "bytes": {name: output.bytes for name, output in built.manifest.outputs.items()},
+        }
+        for built in store.images()
+    ]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo(f"no images in {store.root}; build one with 'browservm image build'")
+        return
+    for row in rows:
+        mark = "*" if row["current"] else " "
+        sizes = row["bytes"]
+        typer.echo(
+            f"{mark} {row['name']:<26} built {row['built_at'][:19]}  tree {sizes['tree'] / 2**20:.0f} MiB  "
+            f"ext4 {sizes['rootfs.ext4'] / 2**20:.0f} MiB"
+        )
+
+
+@image_app.command("prune")
+def image_prune(
+    everything: Annotated[
+        bool, typer.Option("--all", help="Also remove each variant's current image")
+    ] = False,
+) -> None:
+    """Remove old images and the cached stages no remaining image uses (download caches stay)."""
+    from browservm.sandbox import image
+
+    store = image.store_for(_settings())
+    with store.locked():
+        pruned = store.prune(everything=everything)
+    typer.echo(
+        f"removed {len(pruned.images)} image(s) and {len(pruned.stages)} cached stage(s) from {store.root}"
+    )
+    for name in [*pruned.images, *pruned.stages]:
+        typer.echo(f"  {name}")
 
 
 def main() -> None:

@@ -9,18 +9,21 @@ the doctor fail. Checks never raise: a check that crashes is reported as a faile
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from browservm.sandbox.image.recipe import Variant
 from browservm.settings import Settings
 
 NOVNC_DIR = Path(__file__).parent / "web" / "static" / "vendor" / "novnc"
@@ -54,15 +57,17 @@ async def run_async(settings: Settings) -> list[Check]:
         ("state_dir", lambda: check_state_dir(settings.state_dir)),
         ("disk", lambda: check_disk_space(settings.state_dir)),
         ("kvm", check_kvm),
-        ("qemu", lambda: check_qemu(required=settings.backend == "qemu")),
-        ("firecracker", lambda: check_firecracker(required=settings.backend == "firecracker")),
+        ("qemu", lambda: check_qemu(required=settings.backend == "qemu", settings=settings)),
+        ("firecracker", lambda: check_firecracker(settings)),
         ("chromium", check_chromium),
         ("xvfb", check_xvfb),
         ("x11vnc", check_x11vnc),
         ("coturn", lambda: check_coturn(required=settings.run_coturn)),
         ("bubblewrap", check_bubblewrap),
+        ("cgroups", check_cgroups),
         ("netns", check_network_namespaces),
         ("novnc", check_novnc),
+        ("image", lambda: check_image(settings)),
     ]
     probes = [asyncio.to_thread(_guarded, name, check) for name, check in local]
     return list(await asyncio.gather(*probes, _guarded_database(settings)))
@@ -138,23 +143,48 @@ def check_coturn(*, required: bool) -> Check:
     return Check(check.name, check.ok, check.detail + ("" if check.ok else why), check.fix, required)
 
 
-def check_qemu(*, required: bool) -> Check:
-    check = _binary("qemu", ["qemu-system-x86_64"], "qemu-system-x86", ["--version"])
+def check_qemu(*, required: bool, settings: Settings | None = None) -> Check:
+    """The binary, and what its VMs would run under (KVM or TCG, and why), with or without seccomp."""
+    from browservm.sandbox.qemu import host
+
+    binary = settings.qemu_bin if settings is not None else "qemu-system-x86_64"
+    check = _binary("qemu", [binary], "qemu-system-x86", ["--version"])
     why = "" if required else " (needed only for BROWSERVM_BACKEND=qemu)"
-    return Check(check.name, check.ok, check.detail + ("" if check.ok else why), check.fix, required)
+    if not check.ok:
+        return Check(check.name, False, check.detail + why, check.fix, required)
+    found = host.inspect(binary, settings.qemu_accel if settings is not None else "auto")
+    facts = f"{check.detail}; VMs under {found.why}; " + (
+        "-sandbox on (seccomp)" if found.seccomp else "no -sandbox (QEMU built without seccomp)"
+    )
+    if found.problems:
+        return Check(
+            "qemu", False, facts + ": " + "; ".join(found.problems) + why, "see docs/qemu.md", required
+        )
+    return Check("qemu", True, facts)
 
 
-def check_firecracker(*, required: bool) -> Check:
-    found = shutil.which("firecracker")
-    if found is not None:
-        return Check("firecracker", True, f"{found}: {_first_line(_probe([found, '--version']).stdout)}")
+def check_firecracker(settings: Settings) -> Check:
+    """The binary and its version, the KVM it would run on, and /dev/vhost-vsock (reported, not needed)."""
+    from browservm.sandbox.firecracker import host
+
+    found = host.inspect(settings)
+    required = settings.backend == "firecracker"
+    kvm = found.kvm_module or "no KVM module"
+    vhost = "/dev/vhost-vsock present" if found.vhost_vsock else "no /dev/vhost-vsock"
+    binary = f"{found.binary}: Firecracker {found.version}" if found.binary and found.version else None
+    facts = "; ".join(filter(None, [binary, f"KVM: {kvm}", vhost]))
+    if found.ok:
+        jailer = f"; jailer {found.jailer}" if found.jailer else "; unjailed"
+        return Check("firecracker", True, facts + jailer)
     return Check(
         "firecracker",
         False,
-        "firecracker not found on PATH (it is in neither Debian nor PyPI)"
-        + ("" if required else "; needed only for BROWSERVM_BACKEND=firecracker"),
-        "install the release binary from the Firecracker project on a KVM host, "
-        "or use BROWSERVM_BACKEND=qemu or process (see docs/limits.md)",
+        facts
+        + ": "
+        + "; ".join(found.problems)
+        + ("" if required else " (needed only for BROWSERVM_BACKEND=firecracker)"),
+        "on a KVM host (kvm_intel or kvm_amd), install the v1.16.1 release binaries and set "
+        "BROWSERVM_FIRECRACKER_BIN; see docs/firecracker.md. Here: BROWSERVM_BACKEND=qemu or process",
         required,
     )
 
@@ -189,21 +219,45 @@ def check_kvm(dev: Path = Path("/dev/kvm"), modules: Path = Path("/sys/module"))
 
 
 def check_bubblewrap() -> Check:
+    """Sandboxes run as an unprivileged user in a user namespace: build one the way the backend does."""
+    from browservm.sandbox import bubblewrap
+    from browservm.sandbox.process import UID_BASE
+
     found = shutil.which("bwrap")
     if found is None:
         return Check("bubblewrap", False, "bwrap not found on PATH", _apt("bubblewrap"))
-    # Run it for real: a kernel without user namespaces or a seccomp policy blocking them fails here.
-    result = _probe(
-        [found, "--ro-bind", "/", "/", "--dev", "/dev", "--unshare-pid", "--die-with-parent", "true"]
-    )
+    if shutil.which("setpriv") is None:
+        return Check("bubblewrap", False, "setpriv not found on PATH", _apt("util-linux"))
+    result = _probe(bubblewrap.probe_command(UID_BASE))
     if result.returncode != 0:
         return Check(
             "bubblewrap",
             False,
-            f"{found} cannot create a sandbox: {_first_line(result.stderr)}",
-            "enable user namespaces (sysctl kernel.unprivileged_userns_clone=1) or run browservm as root",
+            f"{found} cannot build a sandbox as an unprivileged user: {_first_line(result.stderr)}",
+            "run browservm as root and allow unprivileged user namespaces (sysctl user.max_user_namespaces"
+            " > 0; Ubuntu: kernel.apparmor_restrict_unprivileged_userns=0)",
         )
-    return Check("bubblewrap", True, f"{found}: sandbox created and exited")
+    return Check("bubblewrap", True, f"{found}: unprivileged sandbox in a user namespace created and exited")
+
+
+def check_cgroups() -> Check:
+    """Per-sandbox limits need a writable cgroup hierarchy (v1 memory, pids and cpu, or v2)."""
+    from browservm.sandbox.cgroups import Cgroups
+
+    cgroups = Cgroups.detect("doctor")
+    if cgroups is None:
+        return Check(
+            "cgroups",
+            False,
+            "no writable cgroup hierarchy with memory, pids and cpu: sandboxes would run without limits",
+            "run browservm as root; under systemd set Delegate=yes (deploy/browservm.service does)",
+            required=False,
+        )
+    detail = cgroups.describe()
+    for base in cgroups.bases:
+        with contextlib.suppress(OSError):
+            base.rmdir()
+    return Check("cgroups", True, detail)
 
 
 def check_network_namespaces() -> Check:
@@ -241,6 +295,56 @@ def check_novnc(directory: Path = NOVNC_DIR) -> Check:
     version_file = directory / ".version"
     version = version_file.read_text().strip() if version_file.is_file() else "unknown version"
     return Check("novnc", True, f"noVNC {version} in {directory}")
+
+
+def check_image(settings: Settings, variant: Variant = "browser") -> Check:
+    """The guest image sandboxes run: built or not, its key and age, and whether the recipe moved on."""
+    from browservm.sandbox.image import Recipe, store_for
+
+    store = store_for(settings)
+    fix = f"browservm image build --variant {variant}   (scripts/run.sh does it; minutes the first time, see docs/image.md)"
+    image = store.current(variant)
+    if image is None:
+        # Every process sandbox runs it as its root; the VM backends boot it.
+        return Check("image", False, f"no {variant} guest image in {store.root}", fix)
+    age_h = (datetime.now(UTC) - image.manifest.built_at).total_seconds() / 3600
+    sizes = image.manifest.outputs
+    detail = (
+        f"{image.path} (key {image.key[:16]}, built {age_h:.1f} h ago, tree {sizes['tree'].bytes / 2**20:.0f} MiB, "
+        f"ext4 {sizes['rootfs.ext4'].bytes / 2**20:.0f} MiB)"
+    )
+    if variant == "browser":
+        # What the sign-ins need from it: Node and each provider's CLI, at the versions it holds.
+        installed = {
+            name: version
+            for stage in image.manifest.stages.values()
+            for kind, found in stage.packages.items()
+            if kind in ("node", "npm")
+            for name, version in found.items()
+        }
+        tools = {
+            "node": "Node.js",
+            "@anthropic-ai/claude-code": "Claude Code",
+            "@openai/codex": "Codex",
+            "@google/gemini-cli": "Gemini CLI",
+        }
+        missing = [label for name, label in tools.items() if name not in installed]
+        if missing:
+            return Check("image", False, f"{detail} lacks {', '.join(missing)}", fix)
+        detail += "; " + ", ".join(f"{label} {installed[name]}" for name, label in tools.items())
+    try:
+        wanted = Recipe(variant).image_key()
+    except (OSError, ValueError) as exc:  # no checkout (no requirements.lock): the image is what it is
+        return Check("image", True, f"{detail}; recipe not checked: {exc}")
+    if wanted != image.key:
+        return Check(
+            "image",
+            False,
+            f"{detail} is out of date: the agent's code or a pin changed since",
+            fix,
+            required=False,
+        )
+    return Check("image", True, detail)
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -5,11 +5,10 @@
 set -euo pipefail
 
 DIR="${BROWSERVM_CLI_DIR:-${BROWSERVM_CACHE:-$HOME/.cache/browservm}/clis}"
-PINS=(
-    "@anthropic-ai/claude-code@2.1.328"
-    "@openai/codex@0.169.0"
-    "@google/gemini-cli@0.61.0"
-)
+# The pins are the guest image's: one list for both (browservm image build installs the same).
+PIN_FILE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/browservm/sandbox/image/files/cli-pins.txt"
+mapfile -t PINS < <(grep -v -e '^#' -e '^[[:space:]]*$' "$PIN_FILE")
+[[ ${#PINS[@]} -gt 0 ]] || { echo "install-clis: no pins in $PIN_FILE" >&2; exit 1; }
 
 command -v npm >/dev/null || { echo "install-clis: npm not found; install nodejs (>= 20) and npm first" >&2; exit 1; }
 mkdir -p "$DIR"

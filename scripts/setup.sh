@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Brings a Debian 12 host and this checkout to what browservm needs, and does nothing that is already done:
 #   1. apt packages from scripts/apt-packages.txt, only the missing ones (apt-get update only then);
-#   2. the virtualenv .venv with the Python dependencies pinned in requirements.lock (pip is skipped
-#      entirely while a stamp shows pyproject.toml, the lock and the Python unchanged);
+#   2. the virtualenv .venv with the client (client/), the server and the Python dependencies pinned in
+#      requirements.lock (pip is skipped entirely while a stamp shows both pyproject.toml files, the lock
+#      and the Python unchanged);
 #   3. noVNC from npm, pinned, cached outside the checkout, copied to browservm/web/static/vendor/novnc.
 #
 # Usage: scripts/setup.sh [--dev] [--lock]
@@ -27,7 +28,7 @@ for arg in "$@"; do
     case "$arg" in
         --dev) dev=1 ;;
         --lock) relock=1 ;;
-        -h | --help) sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "setup: unknown option $arg (use --dev, --lock or --help)" >&2; exit 2 ;;
     esac
 done
@@ -105,7 +106,7 @@ write_lock() {
     local report
     report="$(mktemp)"
     PIP_CACHE_DIR="$CACHE/pip" "$VENV/bin/python" -m pip install --quiet --dry-run --ignore-installed \
-        --report "$report" -e "$ROOT[dev]"
+        --report "$report" -e "$ROOT/client" -e "$ROOT[dev]"
     "$VENV/bin/python" - "$report" "$LOCK" <<'PY'
 import json
 import sys
@@ -114,7 +115,7 @@ report, lock = sys.argv[1], sys.argv[2]
 pins = sorted(
     (item["metadata"]["name"].lower(), item["metadata"]["version"])
     for item in json.load(open(report))["install"]
-    if item["metadata"]["name"].lower() != "browservm"
+    if item["metadata"]["name"].lower() not in ("browservm", "browservm-client")
 )
 with open(lock, "w") as out:
     out.write("# Every Python package browservm installs, at exactly this version (runtime and dev extras).\n")
@@ -130,11 +131,12 @@ stamp_value() {
     {
         sha256sum "$LOCK" | cut -d' ' -f1
         # Only what decides the installed packages: a lint setting must not trigger a reinstall.
-        "$VENV/bin/python" - "$ROOT/pyproject.toml" <<'PY'
+        "$VENV/bin/python" - "$ROOT/pyproject.toml" "$ROOT/client/pyproject.toml" <<'PY'
 import json, sys, tomllib
 
-pyproject = tomllib.load(open(sys.argv[1], "rb"))
-print(json.dumps({key: pyproject.get(key) for key in ("project", "build-system")}, sort_keys=True))
+for path in sys.argv[1:]:
+    pyproject = tomllib.load(open(path, "rb"))
+    print(json.dumps({key: pyproject.get(key) for key in ("project", "build-system")}, sort_keys=True))
 print(sys.version)
 PY
         echo "extras=$extras"
@@ -160,7 +162,7 @@ ensure_python_packages() {
     log "python packages: installing from requirements.lock${extras:+ with [$extras]}"
     # PYTHONWARNINGS: setuptools warns at length about every editable install, which is what we want.
     if ! PYTHONWARNINGS=ignore PIP_CACHE_DIR="$CACHE/pip" PIP_DISABLE_PIP_VERSION_CHECK=1 "$VENV/bin/python" -m pip install \
-        --quiet --constraint "$LOCK" --editable "$spec"; then
+        --quiet --constraint "$LOCK" --editable "$ROOT/client" --editable "$spec"; then
         die "pip could not install the locked dependencies; if pyproject.toml changed, run scripts/setup.sh --lock"
     fi
     stamp_value "$extras" >"$STAMP"

@@ -18,6 +18,17 @@ fi
 export VIRTUAL_ENV="$ROOT/.venv"
 export PATH="$ROOT/.venv/bin:$PATH"
 
+# --- the guest images the tests run: the browser image every process sandbox runs as its root, and the
+# minimal one the VM tests boot. Cached outside the checkout with the download caches: unchanged, this
+# is a no-op; a change of the agent's code rebuilds its last stage only (docs/image.md).
+export BROWSERVM_CACHE="${BROWSERVM_CACHE:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/browservm}"
+export BROWSERVM_TEST_IMAGE_DIR="${BROWSERVM_TEST_IMAGE_DIR:-$BROWSERVM_CACHE/test-images}"
+export BROWSERVM_REQUIRE_IMAGE=1
+for variant in browser minimal; do
+    BROWSERVM_IMAGE_DIR="$BROWSERVM_TEST_IMAGE_DIR" browservm image build --variant "$variant" \
+        || { log "the $variant guest image did not build"; exit 1; }
+done
+
 # --- PostgreSQL 15 for the store tests (started by hand: these hosts have no systemd)
 readonly PG_VERSION=15 PG_CLUSTER=main PG_ROLE=browservm_test PG_DATABASE=browservm_test
 as_postgres() {
@@ -64,7 +75,17 @@ END \$\$;
 SELECT 'CREATE DATABASE $PG_DATABASE OWNER $PG_ROLE'
 WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '$PG_DATABASE') \gexec
 SQL
-export BROWSERVM_TEST_POSTGRES_URL="postgresql+asyncpg://$PG_ROLE:$PG_ROLE@127.0.0.1:$pg_port/$PG_DATABASE"
+# Over the unix socket: pytest runs in a network namespace of its own (tests/conftest.py), where the
+# host's 127.0.0.1:5432 is not reachable. The role signs in there with its password, not as an OS user.
+pg_hba="$(as_postgres psql -p "$pg_port" -qtA -c 'SHOW hba_file')"
+hba_line="local all $PG_ROLE scram-sha-256"
+if ! grep -qxF "$hba_line" "$pg_hba"; then
+    log "allowing $PG_ROLE over the unix socket ($pg_hba)"
+    as_root sed -i "0,/^local/s//$hba_line\n&/" "$pg_hba"
+    as_root pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" reload
+fi
+pg_socket="$(as_postgres psql -p "$pg_port" -qtA -c 'SHOW unix_socket_directories' | cut -d, -f1)"
+export BROWSERVM_TEST_POSTGRES_URL="postgresql+asyncpg://$PG_ROLE:$PG_ROLE@/$PG_DATABASE?host=$pg_socket&port=$pg_port"
 export BROWSERVM_REQUIRE_POSTGRES=1
 log "PostgreSQL ready: ${BROWSERVM_TEST_POSTGRES_URL/:$PG_ROLE@/:***@}"
 

@@ -1,15 +1,59 @@
-"""Fixtures that start real things: a database (SQLite, and PostgreSQL when configured), a controller."""
+"""Fixtures that start real things: a database (SQLite, and PostgreSQL when configured), a controller.
+
+The whole run happens in a network namespace of its own: controllers create their sandbox network (a
+gateway, a veth and a namespace per sandbox, nftables rules) in the namespace they run in, and a test
+run must never touch the machine's own. Started in the machine's namespace, pytest starts itself again
+in a fresh one (``unshare --net``) that holds only a loopback (with 127.0.0.2, for aioice, which skips
+127.0.0.1) and dies with the run, taking every device the tests made with it.
+"""
 
 from __future__ import annotations
 
 import os
 import secrets
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from browservm.store.database import Database
+
+NETNS_MARK = "BROWSERVM_TEST_NETNS"
+
+# Sandboxes run the guest image (docs/image.md); scripts/test.sh builds the tests' images here, outside the
+# checkout. Controllers the tests start, in process or as `browservm serve`, find it through the variable.
+TEST_IMAGE_DIR = Path(
+    os.environ.get("BROWSERVM_TEST_IMAGE_DIR")
+    or Path(os.environ.get("BROWSERVM_CACHE") or Path.home() / ".cache" / "browservm") / "test-images"
+)
+os.environ.setdefault("BROWSERVM_IMAGE_DIR", str(TEST_IMAGE_DIR))
+
+
+def _in_initial_network_namespace() -> bool:
+    try:
+        return os.stat("/proc/self/ns/net").st_ino == os.stat("/proc/1/ns/net").st_ino
+    except OSError:
+        return False
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get(NETNS_MARK) == "1":
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+        subprocess.run(["ip", "address", "add", "127.0.0.2/8", "dev", "lo"], check=False, capture_output=True)
+        return
+    if os.geteuid() != 0 or not _in_initial_network_namespace():
+        return
+    capture = config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:
+        capture.stop_global_capturing()
+    os.chdir(config.invocation_params.dir)
+    os.environ[NETNS_MARK] = "1"
+    argv = ["unshare", "--net", "--", sys.executable, "-m", "pytest", *config.invocation_params.args]
+    os.execvp("unshare", argv)
+
 
 POSTGRES_URL = os.environ.get("BROWSERVM_TEST_POSTGRES_URL", "")
 REQUIRE_POSTGRES = os.environ.get("BROWSERVM_REQUIRE_POSTGRES") == "1"
@@ -54,7 +98,7 @@ def _fresh_postgres(base_url: str) -> Iterator[str]:
 
     asyncio.run(run(f'CREATE DATABASE "{name}"'))
     try:
-        yield base_url.rsplit("/", 1)[0] + f"/{name}"
+        yield make_url(base_url).set(database=name).render_as_string(hide_password=False)
     finally:
         asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 

@@ -42,8 +42,10 @@ def test_a_set_up_host_passes_every_required_check(tmp_path: Path) -> None:
         "x11vnc",
         "coturn",
         "bubblewrap",
+        "cgroups",
         "netns",
         "novnc",
+        "image",
         "database",
     ]
     assert doctor.failures(checks) == [], "run scripts/setup.sh first:\n" + "\n".join(
@@ -185,3 +187,37 @@ def test_missing_novnc_assets_point_to_the_set_up(tmp_path: Path) -> None:
 
     assert not check.ok
     assert "scripts/setup.sh" in check.fix
+
+
+def test_firecracker_line_names_the_binary_its_version_and_the_kvm_it_would_run_on(tmp_path: Path) -> None:
+    import sys
+
+    from browservm.sandbox.firecracker import host
+
+    standin = Path(__file__).parent / "sandbox" / "firecracker" / "standin.py"
+    binary = tmp_path / "firecracker"
+    binary.write_text(f"#!/bin/sh\nexec '{sys.executable}' '{standin}' \"$@\"\n")
+    binary.chmod(0o755)
+
+    chosen = _settings(tmp_path / "state", backend="firecracker", firecracker_bin=str(binary))
+    check = doctor.check_firecracker(chosen)
+    assert f"{binary}: Firecracker v1.16.1" in check.detail
+    assert f"KVM: {host.kvm_module() or 'no KVM module'}" in check.detail
+    assert (
+        "/dev/vhost-vsock present" if Path("/dev/vhost-vsock").exists() else "no /dev/vhost-vsock"
+    ) in check.detail
+    assert check.required, "with BROWSERVM_BACKEND=firecracker the line decides the doctor's verdict"
+    if host.kvm_module() not in ("kvm_intel", "kvm_amd"):
+        assert not check.ok and "docs/firecracker.md" in check.fix
+
+    missing = doctor.check_firecracker(_settings(tmp_path / "state", firecracker_bin=str(tmp_path / "none")))
+    assert not missing.ok and not missing.required
+    assert "not found or not executable" in missing.detail
+
+
+def test_a_missing_guest_image_says_how_to_build_it(tmp_path: Path) -> None:
+    check = doctor.check_image(load_settings(state_dir=tmp_path, image_dir=tmp_path / "images"))
+    assert not check.ok
+    assert check.required, "every process sandbox runs the image as its root"
+    assert str(tmp_path / "images") in check.detail
+    assert "browservm image build --variant browser" in check.fix

@@ -38,3 +38,59 @@ def test_the_default_warm_pool_fits_the_host() -> None:
     assert load_settings().effective_warm_pool_size == 1
     assert load_settings(max_sandboxes=1).effective_warm_pool_size == 0, "a one-sandbox host keeps no pool"
     assert load_settings(warm_pool_size=0).effective_warm_pool_size == 0
+
+
+POOL = {"name": "resi", "host": "10.0.0.1", "ports": "10000-10009"}
+
+
+@pytest.mark.parametrize(
+    ("pool", "message"),
+    [
+        ({**POOL, "ports": "10009-10000"}, r"EGRESS_POOLS\[0\]\.ports: .*first not above the last"),
+        ({**POOL, "ports": "a-b"}, r"EGRESS_POOLS\[0\]\.ports: .*is not PORT or FIRST-LAST"),
+        ({**POOL, "scheme": "ftp"}, r"EGRESS_POOLS\[0\]\.scheme"),
+        ({**POOL, "username": "u-{account}"}, r"names account; it may use only"),
+        ({**POOL, "username": "u-{user}"}, r"needs its password: set password_file"),
+        ({**POOL, "password_env": "P"}, r"a password needs a username"),
+        (
+            {**POOL, "scheme": "socks5", "username": "u", "password_env": "P"},
+            r"Chromium cannot authenticate to a SOCKS5 proxy",
+        ),
+    ],
+)
+def test_a_wrong_pool_is_refused_with_what_to_fix(pool: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        load_settings(egress_pools=[pool])
+
+
+def test_egress_policies() -> None:
+    assert load_settings().egress_policy_for("codex") == "direct", "no pool: as before"
+    settings = load_settings(egress_pools=[POOL], egress_policy={"codex": "direct"})
+    assert settings.egress_policy_for("demo") == "proxy", "a pool makes proxy the default"
+    assert settings.egress_policy_for("codex") == "direct"
+    with pytest.raises(SettingsError, match="no provider 'cursor'"):
+        load_settings(egress_pools=[POOL], egress_policy={"cursor": "direct"})
+    with pytest.raises(SettingsError, match="but no pool is configured"):
+        load_settings(egress_policy={"codex": "proxy-then-direct"})
+    with pytest.raises(SettingsError, match="resi repeats"):
+        load_settings(egress_pools=[POOL, POOL])
+
+
+def test_a_pool_password_comes_from_its_file_or_variable(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pathlib import Path
+
+    secret = Path(str(tmp_path)) / "proxy.secret"
+    secret.write_text("hunter2\n")
+    pool = load_settings(egress_pools=[{**POOL, "username": "u", "password_file": str(secret)}]).egress_pools[
+        0
+    ]
+    assert pool.password() == "hunter2"
+    pool = load_settings(
+        egress_pools=[{**POOL, "username": "u", "password_env": "BVM_TEST_PW"}]
+    ).egress_pools[0]
+    with pytest.raises(SettingsError, match=r"BVM_TEST_PW .* is not set"):
+        pool.password()
+    monkeypatch.setenv("BVM_TEST_PW", "s3")
+    assert pool.password() == "s3"

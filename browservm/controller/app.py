@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from browservm import __version__
 from browservm.controller import errors
-from browservm.controller.api import health, ice, sessions, signaling, users, vnc
+from browservm.controller.api import capacity, events, health, ice, sessions, signal, users, viewer, vnc, whep
 from browservm.controller.metrics import LatencyMiddleware, Metrics
 from browservm.controller.services import Services
 from browservm.sandbox.base import SandboxBackend
@@ -42,17 +42,19 @@ def create_app(settings: Settings, *, backend: SandboxBackend | None = None) -> 
     errors.document(app)
     app.include_router(health.router)
     app.include_router(sessions.router)
+    app.include_router(viewer.router)
+    app.include_router(events.router)
+    app.include_router(capacity.router)
     app.include_router(users.router)
+    app.include_router(users.cli_vms_router)
     app.include_router(ice.router)
-    app.include_router(signaling.router)
+    app.include_router(signal.router)
+    app.include_router(whep.router)
     app.include_router(vnc.router)
     web.mount(app)
-    if settings.demo_oauth:
-        # The local authorization server the demo provider signs in against (demos and tests).
-        from browservm.demo.oauth import create_app as create_demo_oauth
-
-        app.mount("/demo/oauth", create_demo_oauth(f"{settings.effective_public_url}/demo/oauth"))
-    # Middlewares wrap outside-in: the body limit refuses before anything reads the body.
+    # Middlewares wrap outside-in (the last added is outermost): the head and body limits refuse before
+    # anything reads the body.
     app.add_middleware(LatencyMiddleware, metrics=metrics)
     app.add_middleware(errors.BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(errors.RequestHead, limit=settings.http_max_header_bytes)
     return app

@@ -31,6 +31,23 @@ class ViewerClaims:
     expires_at: int
 
 
+class KeyUse:
+    """When each API key was last recorded as used: written at most once a minute per key, not on every
+    request. A write per request serialized SQLite's writers behind each other and stalled the API (up
+    to "database is locked") when many requests came at once."""
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        self.every_s = every_s
+        self._written: dict[str, float] = {}
+
+    def due(self, key_id: str) -> bool:
+        now = time.monotonic()
+        if now - self._written.get(key_id, -self.every_s) < self.every_s:
+            return False
+        self._written[key_id] = now
+        return True
+
+
 def load_secret(configured: str, state_dir: Path) -> bytes:
     if configured:
         return configured.encode()
@@ -52,6 +69,12 @@ def _sign(secret: bytes, payload: str) -> str:
     return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
 
+def _same(a: str, b: str) -> bool:
+    """Constant-time equality of two strings from anywhere: ``hmac.compare_digest`` refuses ``str`` with
+    non-ASCII characters (TypeError), which a token or a path can hold."""
+    return hmac.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))
+
+
 def issue_viewer_token(secret: bytes, session_id: str, expires_at: float) -> str:
     payload = f"v1.{session_id}.{int(expires_at)}"
     return f"{payload}.{_sign(secret, payload)}"
@@ -65,7 +88,7 @@ def verify_viewer_token(secret: bytes, token: str, session_id: str) -> ViewerCla
             401, "invalid_token", "viewer token is malformed; ask the operator for a new viewer link"
         )
     payload = ".".join(parts[:3])
-    if not hmac.compare_digest(_sign(secret, payload), parts[3]):
+    if not _same(_sign(secret, payload), parts[3]):
         raise ApiError(401, "invalid_token", "viewer token signature does not match")
     try:
         expires_at = int(parts[2])
@@ -75,6 +98,6 @@ def verify_viewer_token(secret: bytes, token: str, session_id: str) -> ViewerCla
         raise ApiError(
             401, "token_expired", "viewer token has expired; ask the operator for a new viewer link"
         )
-    if not hmac.compare_digest(parts[1], session_id):
+    if not _same(parts[1], session_id):
         raise ApiError(403, "wrong_session", "this viewer token belongs to another session")
     return ViewerClaims(session_id=session_id, expires_at=expires_at)

@@ -57,7 +57,8 @@ COMMON = {
     "413": "Request body too large",
     "415": "Unsupported content type",
     "422": "A field is invalid; the message names it",
-    "429": "Host at capacity; retry after the Retry-After delay",
+    "429": "Host at capacity, this API key over its request rate or its event streams; retry after the "
+    "Retry-After delay",
 }
 
 
@@ -187,3 +188,53 @@ class BodyLimit:
 
 class _TooLarge(Exception):
     pass
+
+
+class RequestHead:
+    """Refuse a request whose head no route could take, before any route sees it:
+
+    * a request line plus headers over ``limit`` bytes: 431. The server's parser refuses a head that is
+      still incomplete past the limit (which bounds what a trickled or endless head holds); a complete
+      head that arrived in one read is measured here;
+    * a NUL character in the path or the query: 400. No identifier of this API holds one, and
+      PostgreSQL cannot even compare a string that does (every lookup would be a 500).
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        query: bytes = scope.get("query_string") or b""
+        size = len(scope.get("raw_path") or b"") + len(query) + 16
+        size += sum(len(name) + len(value) + 4 for name, value in scope.get("headers", ()))
+        if size > self.limit:
+            await _refuse_head(
+                scope,
+                send,
+                431,
+                "headers_too_large",
+                f"the request line and headers exceed {self.limit} bytes",
+            )
+        elif "\x00" in scope.get("path", "") or b"%00" in query.lower():
+            await _refuse_head(scope, send, 400, "invalid_request", "the URL holds a NUL character (%00)")
+        else:
+            await self.app(scope, receive, send)
+
+
+async def _refuse_head(scope: Scope, send: Send, status: int, code: str, message: str) -> None:
+    body = json.dumps(error_body(code, message)).encode()
+    prefix = "websocket." if scope["type"] == "websocket" else ""
+    if prefix and "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1008, "reason": f"{code}: {message}"[:120]})
+        return
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    await send({"type": f"{prefix}http.response.start", "status": status, "headers": headers})
+    await send({"type": f"{prefix}http.response.body", "body": body})

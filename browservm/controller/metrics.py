@@ -28,8 +28,8 @@ class Metrics:
         self.sandboxes = Gauge("browservm_sandboxes", "Sandboxes by state", ["state"], registry=self.registry)
         self.sandbox_boot = Histogram(
             "browservm_sandbox_boot_seconds",
-            "Time from create to the agent's hello",
-            ["backend"],
+            "Time from create to the agent's hello (how: boot, or restore from a snapshot)",
+            ["backend", "how"],
             buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60),
             registry=self.registry,
         )
@@ -55,6 +55,31 @@ class Metrics:
             "browservm_warm_pool_takes_total",
             "Sessions that found a warm sandbox (hit) or booted their own (miss); idle ones given to CLI VMs",
             ["result"],
+            registry=self.registry,
+        )
+        self.egress_assignments = Gauge(
+            "browservm_egress_assignments",
+            "Users assigned to each egress pool, by their exit's last check (unchecked, ok, bad)",
+            ["pool", "status"],
+            registry=self.registry,
+        )
+        self.egress_checks = Counter(
+            "browservm_egress_checks_total",
+            "Checks through a user's proxy, by pool and result",
+            ["pool", "result"],
+            registry=self.registry,
+        )
+        self.egress_check_seconds = Histogram(
+            "browservm_egress_check_seconds",
+            "Time of one check through a proxy (the check URL fetched through it)",
+            ["pool"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.egress_sessions = Counter(
+            "browservm_egress_sessions_total",
+            "Sessions by how their guest left: proxy, direct (policy), fallback_direct, failed (proxy down)",
+            ["pool", "outcome"],
             registry=self.registry,
         )
         self.reconciles = Counter(

@@ -11,6 +11,13 @@ a slot that is free with nobody queued, gives a just-booted sandbox up if a sess
 meanwhile, and destroys an idle one when a CLI VM needs its slot (``Capacity.reclaim``). At shutdown the
 idle ones are destroyed; what a killed controller left behind belongs to no session, and the
 reconciler destroys it at the next start.
+
+On a backend that takes snapshots (``qemu``; ``BROWSERVM_WARM_POOL_SNAPSHOTS``, on by default) the pool
+boots and prepares one sandbox, saves it, and restores every warm sandbox after it from that snapshot
+instead of booting each: the guest wakes up with Chromium already on its blank page, and takes its own
+id, address, clock and reseeded random generator (``browservm.guest.identity``). A snapshot that cannot
+be taken or restored is dropped, and the pool boots cold from then on. The snapshot lives as long as the
+pool; a controller's start prunes those a previous one left.
 """
 
 from __future__ import annotations
@@ -22,13 +29,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
+from pydantic import BaseModel
 
 from browservm import protocol
 from browservm.aio import cancel_and_wait
 from browservm.controller.capacity import Capacity
 from browservm.controller.metrics import Metrics
 from browservm.controller.sandboxes import SandboxService
-from browservm.sandbox.base import SandboxError
+from browservm.sandbox.base import SandboxError, SandboxSnapshot
 from browservm.sandbox.channel import AgentError, Channel, ChannelClosed
 from browservm.store.models import new_id
 from browservm.store.states import IllegalTransition
@@ -54,9 +62,10 @@ class WarmPool:
         sandboxes: SandboxService,
         capacity: Capacity,
         metrics: Metrics,
-        prepare: Callable[[int], protocol.Prepare],
+        prepare: Callable[[], protocol.Prepare],
         *,
         boot_timeout_s: float,
+        snapshots: bool = True,
     ) -> None:
         self.size = size
         self.sandboxes = sandboxes
@@ -65,6 +74,10 @@ class WarmPool:
         self.prepare = prepare
         """Builds the ``Prepare`` request (given its id) from the settings sessions are configured with."""
         self.boot_timeout_s = boot_timeout_s
+        self.snapshots = snapshots and sandboxes.backend.supports_snapshots
+        """Whether warm sandboxes are restored from a snapshot (while one can be taken) or booted."""
+        self.snapshot: SandboxSnapshot | None = None
+        self._snapshot_lock = asyncio.Lock()
         self._idle: deque[WarmSandbox] = deque()
         self._booting: set[str] = set()
         self._taking: set[str] = set()
@@ -85,7 +98,7 @@ class WarmPool:
         ``None`` when there is none."""
         while self._idle:
             warm = self._idle.popleft()
-            self.capacity.spare -= 1
+            self.capacity.use_spare()
             self._report()
             self.capacity.freed.set()  # wake the filler: one more is wanted
             self._taking.add(warm.sandbox_id)
@@ -126,15 +139,24 @@ class WarmPool:
         """Stop filling and destroy the idle sandboxes (a new controller would not know them)."""
         await cancel_and_wait([self._filler, *self._boots])
         while self._idle:
-            self.capacity.spare -= 1
+            self.capacity.use_spare()
             self._discard_later(self._idle.popleft().sandbox_id, "the controller is stopping")
         await asyncio.gather(*self._discards, return_exceptions=True)
+        if self.snapshot is not None:
+            with contextlib.suppress(Exception):
+                await self.sandboxes.delete_snapshot(self.snapshot)
+            self.snapshot = None
         self._report()
 
     # ------------------------------------------------------------------ filling
 
     async def _fill(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.snapshots:
+            try:
+                await self.sandboxes.prune_snapshots()
+            except Exception as exc:
+                log.warning("warm_pool.prune_failed", error=str(exc))
         while True:
             self.capacity.freed.clear()
             while (
@@ -153,11 +175,15 @@ class WarmPool:
         """Boot one warm sandbox on a slot already taken; give the slot back if it does not become one."""
         self._booting.add(sandbox_id)
         try:
+            snapshot = await self._snapshot()
             async with asyncio.timeout(self.boot_timeout_s):
-                _handle, channel = await self.sandboxes.start(
-                    role="browser", tenant=None, user_id=None, assign=False, sandbox_id=sandbox_id
-                )
-                await self._prepare(channel)
+                if snapshot is not None:
+                    channel = await self._restore(sandbox_id, snapshot)
+                else:
+                    _handle, channel = await self.sandboxes.start(
+                        role="browser", tenant=None, user_id=None, assign=False, sandbox_id=sandbox_id
+                    )
+                    await self._prepare(channel)
                 await self.sandboxes.mark_ready(sandbox_id)
         except asyncio.CancelledError:
             await asyncio.shield(self._discard(sandbox_id, "the controller is stopping"))
@@ -182,24 +208,83 @@ class WarmPool:
             await self._discard(sandbox_id, "a waiting session needs the slot")
             return
         self._idle.append(WarmSandbox(sandbox_id, channel))
-        self.capacity.spare += 1
+        self.capacity.add_spare()
         self._report()
         log.info("warm_pool.ready", sandbox_id=sandbox_id, idle=len(self._idle))
 
     async def _prepare(self, channel: Channel) -> None:
         """Start the services and wait until every one reports ready (real readiness, not a delay)."""
         async with channel.subscribe() as events:
-            await channel.request(self.prepare(channel.next_id()), timeout_s=self.boot_timeout_s)
-            ready: set[str] = set()
-            while ready != set(SERVICES):
-                event = await events.get()
-                if event is None:
-                    raise ChannelClosed(channel.sandbox_id, "the agent went away while its services started")
-                if isinstance(event, protocol.ServiceState) and event.service in SERVICES:
-                    if event.state == "ready":
-                        ready.add(event.service)
-                    elif event.state == "failed":
-                        raise AgentError("service_failed", f"{event.service} failed: {event.detail[-500:]}")
+            await channel.request(self.prepare(), timeout_s=self.boot_timeout_s)
+            await self._until_ready(channel, events, set())
+
+    async def _restore(self, sandbox_id: str, snapshot: SandboxSnapshot) -> Channel:
+        """A warm sandbox from the snapshot: its services ran when it was saved, and still do."""
+        try:
+            _handle, channel = await self.sandboxes.start(
+                role="browser",
+                tenant=None,
+                user_id=None,
+                assign=False,
+                sandbox_id=sandbox_id,
+                snapshot=snapshot,
+            )
+            async with channel.subscribe() as events:
+                status = await channel.request(protocol.Status(), timeout_s=self.boot_timeout_s)
+                ready = {name for name, report in status.services.items() if report.state == "ready"}
+                await self._until_ready(channel, events, ready)
+        except (SandboxError, ChannelClosed, AgentError, protocol.ProtocolError, OSError) as exc:
+            # This snapshot is no good (its image was pruned, the host changed): boot cold from now on.
+            if self.snapshot is snapshot:
+                self.snapshot, self.snapshots = None, False
+                with contextlib.suppress(Exception):
+                    await self.sandboxes.delete_snapshot(snapshot)
+            log.warning("warm_pool.restore_failed", sandbox_id=sandbox_id, error=str(exc))
+            raise
+        return channel
+
+    async def _snapshot(self) -> SandboxSnapshot | None:
+        """The snapshot warm sandboxes are restored from, taken the first time one is wanted: a sandbox
+        booted and prepared as any warm one, then saved (which ends it). ``None``: boot instead."""
+        if not self.snapshots:
+            return None
+        async with self._snapshot_lock:
+            if self.snapshot is None and self.snapshots:
+                template = new_id("sbx")
+                self._booting.add(template)
+                try:
+                    async with asyncio.timeout(self.boot_timeout_s):
+                        _handle, channel = await self.sandboxes.start(
+                            role="browser", tenant=None, user_id=None, assign=False, sandbox_id=template
+                        )
+                        await self._prepare(channel)
+                    self.snapshot = await self.sandboxes.snapshot(template)
+                    log.info("warm_pool.snapshot_taken", snapshot_id=self.snapshot.snapshot_id)
+                except asyncio.CancelledError:
+                    await asyncio.shield(self.sandboxes.destroy(template, "the controller is stopping"))
+                    raise
+                except Exception as exc:
+                    log.warning("warm_pool.snapshot_failed", error=str(exc) or type(exc).__name__)
+                    self.snapshots = False
+                    with contextlib.suppress(Exception):
+                        await self.sandboxes.destroy(template, f"no snapshot: {exc}")
+                finally:
+                    self._booting.discard(template)
+            return self.snapshot
+
+    async def _until_ready(
+        self, channel: Channel, events: asyncio.Queue[BaseModel | None], ready: set[str]
+    ) -> None:
+        """Until every one of :data:`SERVICES` reports ready; a failed one ends the wait."""
+        while ready != set(SERVICES):
+            event = await events.get()
+            if event is None:
+                raise ChannelClosed(channel.sandbox_id, "the agent went away while its services started")
+            if isinstance(event, protocol.ServiceState) and event.service in SERVICES:
+                if event.state == "ready":
+                    ready.add(event.service)
+                elif event.state == "failed":
+                    raise AgentError("service_failed", f"{event.service} failed: {event.detail[-500:]}")
 
     # ------------------------------------------------------------------ giving sandboxes up
 
@@ -208,7 +293,7 @@ class WarmPool:
         if not self._idle:
             return False
         warm = self._idle.popleft()
-        self.capacity.spare -= 1
+        self.capacity.use_spare()
         self._report()
         self._taking.add(warm.sandbox_id)
         try:

@@ -23,7 +23,7 @@ from browservm.sandbox.base import Liveness, SandboxHandle
 from browservm.store import sandboxes as sandbox_store
 from browservm.store import sessions as session_store
 from browservm.store.database import Database
-from browservm.store.states import LIVE_SANDBOX, IllegalTransition, SandboxState, SessionStatus
+from browservm.store.states import LIVE_SANDBOX, SandboxState, SessionStatus
 
 log = structlog.get_logger(__name__)
 
@@ -59,7 +59,9 @@ class Reconciler:
                 continue
             liveness = await self.sandboxes.probe(record)
             if liveness is Liveness.GONE:
-                await self._forget(record.id)
+                # Its agent is gone, but not necessarily all it held (processes that left its tree, its
+                # directory): destroyed, not just written off.
+                await self._destroy(record.id, "gone when the controller started", "sandbox_gone")
                 continue
             if record.state in LIVE_SANDBOX:
                 self.capacity.take()
@@ -73,11 +75,32 @@ class Reconciler:
                     )
                 )
             self.metrics.reconciles.labels("unknown_destroyed").inc()
+        await self._reconcile_network()
         for session in unfinished.values():
             self.sessions.launch(session.id)
             self.metrics.reconciles.labels("session_resumed").inc()
+        await self._keep_cli_vms()
         await self.refresh_gauges()
         log.info("reconcile.startup", sessions=len(unfinished), sandboxes=len(live))
+
+    async def _keep_cli_vms(self) -> None:
+        """Hold a channel to every running CLI VM: a guest no controller speaks to ends itself after its
+        idle timeout (two minutes), and a CLI VM must outlive a controller restart."""
+        async with self.db.session() as db:
+            running = [
+                r
+                for r in await sandbox_store.live(db)
+                if r.role == "cli" and r.state == SandboxState.ASSIGNED
+            ]
+        for record in running:
+            if self.sandboxes.connected(record.id):
+                continue
+            try:
+                await self.sandboxes.connect(self.sandboxes.handle_of(record))
+            except Exception as exc:  # the next pass tries again; a dead one is found by the probe
+                log.warning("reconcile.cli_vm_unreachable", sandbox_id=record.id, error=str(exc))
+            else:
+                self.metrics.reconciles.labels("cli_vm_connected").inc()
 
     async def run(self) -> None:
         while True:
@@ -101,8 +124,7 @@ class Reconciler:
             if session.id in self.sessions.tasks:
                 continue
             if session.expires_at <= now:
-                with contextlib.suppress(IllegalTransition):
-                    await self.sessions._end(session.id, SessionStatus.EXPIRED, "expired while not running")
+                await self.sessions.expire(session.id, "expired while not running")
                 self.metrics.reconciles.labels("session_expired").inc()
             else:
                 self.sessions.launch(session.id)
@@ -118,7 +140,15 @@ class Reconciler:
             if current is None or (current.session_id, current.state) != (record.session_id, record.state):
                 continue  # it changed since this pass read it (a session took a warm one): next pass
             await self._destroy(record.id, "its session has ended", "leak_destroyed")
+        await self._reconcile_network()
+        await self._keep_cli_vms()
         await self.refresh_gauges()
+
+    async def _reconcile_network(self) -> None:
+        """Namespaces and addresses of sandboxes that no longer hold resources go (a crash's leftovers)."""
+        stale = await self.sandboxes.reconcile_network()
+        if stale:
+            self.metrics.reconciles.labels("network_removed").inc(stale)
 
     async def refresh_gauges(self) -> None:
         async with self.db.session() as db:
@@ -131,13 +161,3 @@ class Reconciler:
         log.info("reconcile.destroy", sandbox_id=sandbox_id, reason=reason)
         await self.sandboxes.destroy(sandbox_id, reason)
         self.metrics.reconciles.labels(action).inc()
-
-    async def _forget(self, sandbox_id: str) -> None:
-        """The backend says it is gone: record that, so nothing waits on it."""
-        for state in (SandboxState.FAILED, SandboxState.DESTROYED):
-            with contextlib.suppress(IllegalTransition):
-                async with self.db.session() as db:
-                    await sandbox_store.transition(
-                        db, sandbox_id, state, reason="gone when the controller started"
-                    )
-        self.metrics.reconciles.labels("sandbox_gone").inc()

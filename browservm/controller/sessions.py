@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -24,6 +25,7 @@ from pydantic import BaseModel
 
 from browservm import protocol
 from browservm.controller.capacity import Capacity
+from browservm.controller.egress import EgressService, EgressUnavailable, SessionEgress
 from browservm.controller.errors import ApiError, not_found
 from browservm.controller.metrics import Metrics
 from browservm.controller.notifier import Notifier
@@ -42,6 +44,10 @@ from browservm.store.states import IllegalTransition, SessionStatus
 from browservm.vault import Vault
 
 log = structlog.get_logger(__name__)
+
+GUEST_EXPIRY_GRACE_S = 60.0
+"""How long after its session's expiry a browser sandbox ends itself: time for this controller to end the
+session (expired) and destroy the sandbox first."""
 
 
 class SessionEnded(Exception):
@@ -70,6 +76,13 @@ class SessionService:
         self.session_channels: dict[str, Channel] = {}
         self.deliver: DeliveryHook | None = None
         self.pool: WarmPool | None = None
+        self.guest_turn_urls: list[str] | None = None
+        """Where guests reach TURN (the gateway's coturn); ``None``: the viewers' TURN URLs."""
+        self.demo_issuer: str | None = None
+        """The demo OAuth server as guests reach it."""
+        self.egress: EgressService | None = None
+        self._egress: dict[str, SessionEgress | None] = {}
+        """Per live session, how its guest leaves (decided once, at its start)."""
         self._stopping = False
 
     # ------------------------------------------------------------------ API-facing
@@ -87,7 +100,7 @@ class SessionService:
                     options=options,
                 )
         except BaseException:
-            self.capacity.promised -= 1
+            self.capacity.withdraw()
             raise
         self.launch(session.id, promised=True)
         return session
@@ -146,9 +159,11 @@ class SessionService:
             session = await self._load(session_id)
             if session is None or SessionStatus(session.status).terminal:
                 if promised:
-                    self.capacity.promised -= 1
+                    self.capacity.withdraw()
                 return
             if session.status == SessionStatus.PENDING:
+                # Before a sandbox or a slot is taken: a session whose proxy is down ends at once.
+                self._egress[session_id] = await self._decide_egress(session)
                 warm = None
                 if self.pool is not None:
                     warm = await self.pool.take(
@@ -157,10 +172,14 @@ class SessionService:
                 if warm is not None:
                     sandbox_id = warm.sandbox_id  # destroyed with the session from here on
                     if promised:
-                        self.capacity.promised -= 1
+                        self.capacity.withdraw()
                         promised = False
                 else:
-                    await self.capacity.acquire(promised=promised)
+                    await self.capacity.acquire(
+                        promised=promised,
+                        key=session_id,
+                        on_position=functools.partial(self._queued, session),
+                    )
                     promised = False
                 holds_slot = True
                 session = await self._transition(session_id, SessionStatus.STARTING)
@@ -176,7 +195,7 @@ class SessionService:
             pass
         except asyncio.CancelledError:
             if promised:
-                self.capacity.promised -= 1
+                self.capacity.withdraw()
             if self._stopping:
                 holds_slot = False  # the sandbox stays up for adoption; so does its slot, in the next life
                 sandbox_id = None
@@ -188,6 +207,7 @@ class SessionService:
                 await self._transition(session_id, SessionStatus.FAILED, _failure_reason(exc))
         finally:
             self.session_channels.pop(session_id, None)
+            self._egress.pop(session_id, None)
             try:
                 if sandbox_id is None and not self._stopping:
                     with contextlib.suppress(Exception):
@@ -228,41 +248,98 @@ class SessionService:
         await self._configure(session, channel)
         return channel, handle.sandbox_id
 
+    async def _decide_egress(self, session: Session) -> SessionEgress | None:
+        if self.egress is None:
+            return None
+        try:
+            egress = await self.egress.for_session(
+                tenant=session.tenant, user_id=session.user_id, provider=session.provider
+            )
+        except EgressUnavailable as exc:
+            await self._end(session.id, SessionStatus.FAILED, str(exc))
+            raise SessionEnded from exc
+        if egress is not None:
+            await self._append(session, "session.egress", _egress_event(egress))
+        return egress
+
+    async def _recorded_egress(self, session: Session) -> dict[str, Any] | None:
+        """What the session's ``session.egress`` event says its guest was given (adoption keeps it)."""
+        async with self.db.session() as db:
+            event = await event_store.latest(db, session.id, "session.egress")
+        return None if event is None else dict(event.data or {})
+
     async def _configure(self, session: Session, channel: Channel) -> None:
         remaining = (session.expires_at - datetime.now(UTC)).total_seconds()
+        egress = self._egress.get(session.id)
+        if egress is None and self.egress is not None and self.egress.enabled:
+            # Adopted after a restart: how it left before (the network's grants were rebuilt empty).
+            egress = await self.egress.for_adopted(
+                tenant=session.tenant,
+                user_id=session.user_id,
+                provider=session.provider,
+                recorded=await self._recorded_egress(session),
+            )
+            self._egress[session.id] = egress
+        if egress is not None:
+            # The grant comes first: the page opens through the proxy as soon as the agent has it.
+            await self.sandboxes.set_egress(channel.sandbox_id, egress.guest())
+        media = await self.sandboxes.media_of(channel.sandbox_id)
         await channel.request(
             protocol.Configure(
-                id=channel.next_id(),
                 session_id=session.id,
                 provider=session.provider,
                 provider_options=self._provider_options(session),
                 screen=self._screen(),
                 stream=self._stream(
-                    ice_servers(self.settings, session.id, session_expires_at=session.expires_at.timestamp())
+                    ice_servers(
+                        self.settings,
+                        session.id,
+                        session_expires_at=session.expires_at.timestamp(),
+                        turn_urls=self.guest_turn_urls,
+                    ),
+                    media=protocol.MediaMapping(
+                        public_ip=str(media.public_ip),
+                        public_port=media.public_port,
+                        guest_address=str(media.guest_address),
+                        guest_port=media.guest_port,
+                    )
+                    if media is not None
+                    else None,
                 ),
                 login_timeout_s=max(1.0, remaining),
-                env=self._service_env(),
+                # The guest ends itself then, should this controller not be there to end it.
+                expires_in_s=max(1.0, remaining) + GUEST_EXPIRY_GRACE_S,
+                debug=self._debug(),
+                proxy=egress.proxy_config() if egress is not None else None,
             ),
             timeout_s=60,
         )
 
-    def prepare_request(self, request_id: int) -> protocol.Prepare:
+    def prepare_request(self) -> protocol.Prepare:
         """What the warm pool prepares its sandboxes with: exactly what :meth:`_configure` will ask for."""
-        return protocol.Prepare(
-            id=request_id, screen=self._screen(), stream=self._stream([]), env=self._service_env()
-        )
+        return protocol.Prepare(screen=self._screen(), stream=self._stream([]), debug=self._debug())
 
-    def _service_env(self) -> dict[str, str]:
-        return {"BROWSERVM_DEVTOOLS_PORT": "1"} if self.settings.devtools_debug_port else {}
+    def _debug(self) -> protocol.Debug:
+        return protocol.Debug(devtools_port=self.settings.devtools_debug_port)
 
     def _screen(self) -> protocol.ScreenConfig:
+        settings = self.settings
         return protocol.ScreenConfig(
-            width=self.settings.screen_width, height=self.settings.screen_height, fps=self.settings.screen_fps
+            width=settings.screen_width,
+            height=settings.screen_height,
+            fps=settings.screen_fps,
+            max_width=settings.screen_max_width,
+            max_height=settings.screen_max_height,
         )
 
-    def _stream(self, servers: list[protocol.IceServer]) -> protocol.StreamConfig:
+    def _stream(
+        self, servers: list[protocol.IceServer], media: protocol.MediaMapping | None = None
+    ) -> protocol.StreamConfig:
         return protocol.StreamConfig(
-            codec=self.settings.codec, host_addresses=self.settings.ice_host_addresses, ice_servers=servers
+            codec=self.settings.codec,
+            host_addresses=self.settings.ice_host_addresses,
+            ice_servers=servers,
+            media=media,
         )
 
     async def _adopt(self, session: Session) -> Channel:
@@ -271,9 +348,13 @@ class SessionService:
             raise SessionEnded
         record = await self.sandboxes.get(session.sandbox_id)
         if record is None or await self.sandboxes.probe(record) is not Liveness.ALIVE:
-            await self._end(
-                session.id, SessionStatus.FAILED, "browser sandbox was gone after a controller restart"
-            )
+            if session.status == SessionStatus.CAPTURING:
+                # The user had signed in: what was stored before the crash still completes the session.
+                await self._capture(session, None, dict(session.account or {}))
+            else:
+                await self._end(
+                    session.id, SessionStatus.FAILED, "browser sandbox was gone after a controller restart"
+                )
             raise SessionEnded
         try:
             channel = await self.sandboxes.connect(self.sandboxes.handle_of(record))
@@ -283,17 +364,42 @@ class SessionService:
             )
             raise SessionEnded from exc
         log.info("session.adopted", sandbox_id=record.id, status=session.status)
+        if self.egress is not None and self.egress.enabled:
+            egress = await self.egress.for_adopted(
+                tenant=session.tenant,
+                user_id=session.user_id,
+                provider=session.provider,
+                recorded=await self._recorded_egress(session),
+            )
+            self._egress[session.id] = egress
+            if egress is not None:
+                await self.sandboxes.set_egress(record.id, egress.guest())
+        if session.status == SessionStatus.STARTING:
+            # Killed between starting the sandbox and configuring it, the controller left an agent that
+            # waits for its session: hand it over now rather than wait out the session's time.
+            status = await channel.request(protocol.Status())
+            if not status.configured:
+                await self._configure(session, channel)
         return channel
 
     def _provider_options(self, session: Session) -> dict[str, str]:
         options = {str(k): str(v) for k, v in (session.options or {}).items()}
         if session.provider == "demo":
-            options.setdefault("issuer", f"{self.settings.effective_public_url}/demo/oauth")
+            options.setdefault(
+                "issuer", self.demo_issuer or f"{self.settings.effective_public_url}/demo/oauth"
+            )
         return options
 
     async def _follow(self, session: Session, channel: Channel) -> None:
         session_id = session.id
         async with channel.subscribe() as queue:
+            # What the login reached before we listened (a restarted controller adopting the sandbox,
+            # whose replay on connect came before this subscription): asked once, handled like an event.
+            status = await channel.request(protocol.Status())
+            if status.login is not None:
+                session = await self._on_event(session, channel, status.login)
+                if SessionStatus(session.status).terminal:
+                    return
             while True:
                 remaining = (session.expires_at - datetime.now(UTC)).total_seconds()
                 if remaining <= 0:
@@ -339,13 +445,53 @@ class SessionService:
             return await self._end(session.id, SessionStatus.EXPIRED, message.detail or "login timed out")
         return session
 
-    async def _capture(self, session: Session, channel: Channel, account: dict[str, str]) -> Session:
-        result = await channel.request(protocol.CollectCredentials(id=channel.next_id()), timeout_s=30)
-        files = [protocol.FileBlob.model_validate(f) for f in result.get("files", [])]
-        if not files:
-            return await self._end(session.id, SessionStatus.FAILED, "the login produced no credential files")
+    async def _capture(self, session: Session, channel: Channel | None, account: dict[str, str]) -> Session:
+        """Seal, store and deliver the session's credentials, then complete it.
+
+        Safe to run again after a crash at any point: a set already stored for the session is delivered
+        and the session completed without asking the sandbox (which may be gone); otherwise the agent hands
+        the files over again (they stay in the sandbox until it is destroyed, after this)."""
+        async with self.db.session() as db:
+            stored = await credential_store.for_session(db, session.id)
+        if stored is not None:
+            credential_id = stored.id
+            files = decode_files(
+                self.vault.open(
+                    credential_store.sealed_of(stored), user_id=session.user_id, provider=session.provider
+                )
+            )
+            log.info("session.capture_resumed", credential_id=credential_id)
+        elif channel is None:
+            return await self._end(
+                session.id,
+                SessionStatus.FAILED,
+                "the browser sandbox was gone before the sign-in was stored; start a new session",
+            )
+        else:
+            files = (await channel.request(protocol.CollectCredentials(), timeout_s=30)).files
+            if not files:
+                return await self._end(
+                    session.id, SessionStatus.FAILED, "the login produced no credential files"
+                )
+            credential_id = await self._store(session, files, account)
+        if self.deliver is not None:
+            try:
+                await self.deliver(session.tenant, session.user_id, credential_id, files, session.id)
+            except Exception as exc:  # stored safely; delivery is retried when the CLI VM is next ready
+                log.warning("session.delivery_failed", error=str(exc))
+                await self._append(session, "credentials.delivery_failed", {"reason": str(exc)})
+        del files
+        started = session.created_at
+        session = await self._transition(session.id, SessionStatus.COMPLETED)
+        self.metrics.session_duration.labels("completed").observe(
+            (datetime.now(UTC) - started).total_seconds()
+        )
+        return session
+
+    async def _store(self, session: Session, files: list[protocol.FileBlob], account: dict[str, str]) -> str:
         plaintext = json.dumps([f.model_dump() for f in files]).encode()
         sealed = self.vault.seal(plaintext, user_id=session.user_id, provider=session.provider)
+        del plaintext
         async with self.db.session() as db:
             credential = await credential_store.add(
                 db,
@@ -366,19 +512,7 @@ class SessionService:
                 data={"credential_id": credential.id, "provider": session.provider, "account": dict(account)},
             )
         self.notifier.notify(session.id)
-        if self.deliver is not None:
-            try:
-                await self.deliver(session.tenant, session.user_id, credential.id, files, session.id)
-            except Exception as exc:  # stored safely; delivery is retried when the CLI VM is next ready
-                log.warning("session.delivery_failed", error=str(exc))
-                await self._append(session, "credentials.delivery_failed", {"reason": str(exc)})
-        del plaintext, files
-        started = session.created_at
-        session = await self._transition(session.id, SessionStatus.COMPLETED)
-        self.metrics.session_duration.labels("completed").observe(
-            (datetime.now(UTC) - started).total_seconds()
-        )
-        return session
+        return credential.id
 
     # ------------------------------------------------------------------ store helpers
 
@@ -394,6 +528,10 @@ class SessionService:
         self.notifier.notify(session_id)
         return session
 
+    async def expire(self, session_id: str, reason: str) -> Session:
+        """End a session that is past its time and that no flow drives (the reconciler's case)."""
+        return await self._end(session_id, SessionStatus.EXPIRED, reason)
+
     async def _end(self, session_id: str, target: SessionStatus, reason: str) -> Session:
         """Write an ending; a session that already ended keeps its first ending."""
         try:
@@ -406,6 +544,10 @@ class SessionService:
             (datetime.now(UTC) - session.created_at).total_seconds()
         )
         return session
+
+    async def _queued(self, session: Session, place: int) -> None:
+        """The session's place in line for a slot, as an event its viewer and the operator follow."""
+        await self._append(session, "session.queued", {"position": place})
 
     async def _append(self, session: Session, kind: str, data: dict[str, Any]) -> None:
         async with self.db.session() as db:
@@ -426,6 +568,23 @@ class DeliveryHook(Protocol):
     async def __call__(
         self, tenant: str, user_id: str, credential_id: str, files: list[protocol.FileBlob], session_id: str
     ) -> None: ...
+
+
+def _egress_event(egress: SessionEgress) -> dict[str, Any]:
+    """What the session's events say of its egress: the exit, never a credential."""
+    data: dict[str, Any] = {"mode": egress.mode}
+    if egress.exit is not None:
+        data.update(
+            pool=egress.exit.pool.name,
+            port=egress.exit.port,
+            proxy=egress.exit.url(),
+            generation=egress.exit.generation,
+        )
+        if egress.exit.sticky:
+            data["sticky"] = egress.exit.sticky  # with the pool and port, what a restart grants again
+    if egress.note:
+        data["note"] = egress.note
+    return data
 
 
 def _failure_reason(exc: BaseException) -> str:

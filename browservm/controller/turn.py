@@ -19,6 +19,7 @@ import socket
 import struct
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -69,13 +70,16 @@ def ice_servers(
     *,
     session_expires_at: float | None = None,
     now: float | None = None,
+    turn_urls: Sequence[str] | None = None,
 ) -> list[protocol.IceServer]:
     """The RTCConfiguration.iceServers a viewer of ``session_id`` gets: STUN as configured, TURN with a
-    credential of its own. Empty when neither is configured (loopback and LAN setups need neither)."""
+    credential of its own. Empty when neither is configured (loopback and LAN setups need neither).
+    ``turn_urls``: where the TURN server is reached from elsewhere (a guest's, see :func:`guest_turn_urls`)."""
+    urls = list(settings.turn_urls if turn_urls is None else turn_urls)
     servers: list[protocol.IceServer] = []
     if settings.stun_urls:
         servers.append(protocol.IceServer(urls=list(settings.stun_urls)))
-    if settings.turn_urls:
+    if urls:
         cred = turn_credential(
             settings.turn_secret,
             session_id,
@@ -83,12 +87,24 @@ def ice_servers(
             not_after=session_expires_at,
             now=now,
         )
-        servers.append(
-            protocol.IceServer(
-                urls=list(settings.turn_urls), username=cred.username, credential=cred.credential
-            )
-        )
+        servers.append(protocol.IceServer(urls=urls, username=cred.username, credential=cred.credential))
     return servers
+
+
+def coturn_port(settings: Settings) -> int:
+    """The port of the local coturn ``run_coturn`` starts (that of the first ``turn:`` URL, else 3478)."""
+    return Coturn.from_settings(settings).port or 3478
+
+
+def guest_turn_urls(settings: Settings, gateway: str | None) -> list[str]:
+    """Where guests' streamers reach TURN: ``guest_turn_urls`` when set; the local coturn on the sandbox
+    network's gateway when ``serve`` runs one; else the viewers' URLs (a TURN server on the internet)."""
+    if settings.guest_turn_urls:
+        return list(settings.guest_turn_urls)
+    if settings.run_coturn and gateway is not None:
+        port = coturn_port(settings)
+        return [f"turn:{gateway}:{port}?transport=udp", f"turn:{gateway}:{port}?transport=tcp"]
+    return list(settings.turn_urls)
 
 
 # ---------------------------------------------------------------------------------------------- coturn
@@ -148,6 +164,7 @@ class Coturn:
         *,
         secret: str,
         listening_ip: str = "127.0.0.1",
+        extra_listening_ips: Sequence[str] = (),
         relay_ip: str | None = None,
         port: int | None = None,
         min_port: int = 49160,
@@ -161,6 +178,8 @@ class Coturn:
             raise ValueError("Coturn needs a non-empty secret (BROWSERVM_TURN_SECRET)")
         self.secret = secret
         self.listening_ip = listening_ip
+        self.extra_listening_ips = list(extra_listening_ips)
+        """More addresses to answer on: the sandbox network's gateway, where guests reach TURN."""
         self.relay_ip = relay_ip or listening_ip
         self.port = port
         self.min_port = min_port
@@ -173,7 +192,14 @@ class Coturn:
         self._process: asyncio.subprocess.Process | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, work_dir: Path | None = None) -> Coturn:
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        work_dir: Path | None = None,
+        extra_listening_ips: Sequence[str] = (),
+        relay_ip: str | None = None,
+    ) -> Coturn:
         """The coturn ``browservm serve`` runs when ``run_coturn`` is set: it listens where the first
         ``turn:`` URL of ``turn_urls`` points (default ``127.0.0.1:3478``) with ``turn_secret``."""
         if not settings.turn_secret:
@@ -192,6 +218,8 @@ class Coturn:
         return cls(
             secret=settings.turn_secret,
             listening_ip=host,
+            extra_listening_ips=extra_listening_ips,
+            relay_ip=relay_ip,
             port=port,
             allow_loopback_peers=host.startswith("127."),
             work_dir=work_dir,
@@ -229,6 +257,7 @@ class Coturn:
             binary,
             "-n",  # no configuration file: everything is on this command line
             f"--listening-ip={self.listening_ip}",
+            *(f"--listening-ip={ip}" for ip in self.extra_listening_ips),
             f"--relay-ip={self.relay_ip}",
             f"--listening-port={self.port}",
             "--use-auth-secret",
@@ -319,4 +348,13 @@ class Coturn:
         await self.stop()
 
 
-__all__ = ["Coturn", "CoturnError", "TurnCredential", "ice_servers", "stun_binding", "turn_credential"]
+__all__ = [
+    "Coturn",
+    "CoturnError",
+    "TurnCredential",
+    "coturn_port",
+    "guest_turn_urls",
+    "ice_servers",
+    "stun_binding",
+    "turn_credential",
+]

@@ -29,6 +29,7 @@ import json
 import re
 import secrets
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -68,10 +69,9 @@ class _Server:
     """refresh token → (client_id, email); a used one is removed at once."""
 
     def password_ok(self, email: str, password: str) -> bool:
-        if self.users is None:
-            return secrets.compare_digest(password, DEMO_PASSWORD)
-        expected = self.users.get(email)
-        return expected is not None and secrets.compare_digest(password, expected)
+        # Bytes: compare_digest raises TypeError on str with non-ASCII characters (a typed "é").
+        expected = DEMO_PASSWORD if self.users is None else self.users.get(email)
+        return expected is not None and secrets.compare_digest(password.encode(), expected.encode())
 
     def redirect_registered(self, client_id: str, redirect_uri: str) -> bool:
         registered = self.clients.get(client_id)
@@ -120,6 +120,31 @@ def create_app(
         users=dict(users) if users is not None else None,
     )
     app = FastAPI(title="browservm demo OAuth server", docs_url=None, redoc_url=None)
+    seen: deque[dict[str, str]] = deque(maxlen=1000)
+
+    @app.middleware("http")
+    async def remember_client(request: Request, call_next: Any) -> Response:
+        # Who connected, as this server saw it: what egress tests check (the proxy's address, or not).
+        seen.append(
+            {
+                "address": request.client.host if request.client else "",
+                "method": request.method,
+                "path": request.url.path,
+                "user_agent": request.headers.get("user-agent", ""),
+            }
+        )
+        response: Response = await call_next(request)
+        return response
+
+    @app.get("/ip")
+    async def caller_address(request: Request) -> Response:
+        """The caller's address as plain text: an egress check URL (``BROWSERVM_EGRESS_CHECK_URL``)."""
+        return Response(request.client.host if request.client else "", media_type="text/plain")
+
+    @app.get("/clients")
+    async def clients_seen() -> list[dict[str, str]]:
+        """The last 1000 requests' client addresses and paths (a demo and test server only)."""
+        return list(seen)
 
     @app.get("/.well-known/oauth-authorization-server")
     async def metadata() -> dict[str, Any]:

@@ -16,8 +16,8 @@ Chromium runs full screen with the flags this project mandates and ``--remote-de
 speaks DevTools over two pipes (:mod:`browservm.guest.devtools`), so no port on a loopback that other
 sandboxes may share offers control of the user's browser. It is ready once ``Browser.getVersion``
 answers. :meth:`ChromiumService.open_url` navigates the page target and remembers the URL, so a Chromium
-that crashed and was restarted comes back on the same page. ``BROWSERVM_DEVTOOLS_PORT=1`` in the
-service environment adds a loopback DevTools port as well, for debugging and tests only.
+that crashed and was restarted comes back on the same page. ``debug_port`` (the controller's
+``Debug.devtools_port``) adds a loopback DevTools port as well, for debugging and tests only.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from typing import Any
 import structlog
 
 from browservm import protocol
+from browservm.aio import cancel_and_wait
 from browservm.guest.devtools import DevToolsError, DevToolsPipe
 from browservm.guest.supervisor import Service, ServiceLog, ServiceNotReady, ServiceUnavailable, spawn
 
@@ -117,7 +118,7 @@ class XvfbService(Service):
                     f":{self.number}",
                     "-screen",
                     "0",
-                    f"{self.screen.width}x{self.screen.height}x24",
+                    "{}x{}x24".format(*self.screen.largest),
                     "-nolisten",
                     "tcp",
                     "-nolisten",
@@ -152,7 +153,11 @@ class XvfbService(Service):
         number = line.strip().decode(errors="replace")
         if not number.isdigit():
             raise ServiceNotReady(f"Xvfb closed -displayfd without a display number ({line!r})")
-        self.display = f":{number}"
+        display = f":{number}"
+        if self.screen.largest != (self.screen.width, self.screen.height):
+            # Created at the largest size the screen may follow a viewer to; it starts at its own.
+            await asyncio.to_thread(_set_screen_size, display, self.screen.width, self.screen.height)
+        self.display = display
 
     async def exited(self) -> None:
         self.display = None
@@ -174,6 +179,8 @@ class ChromiumService(Service):
         env: Mapping[str, str],
         proxy: protocol.ProxyConfig | None = None,
         url: str | None = None,
+        *,
+        debug_port: bool = False,
     ) -> None:
         self.xvfb = xvfb
         self.screen = screen
@@ -182,9 +189,14 @@ class ChromiumService(Service):
         self.proxy = proxy
         self.url = url or "about:blank"
         """The page Chromium shows; reopened after a restart."""
+        self.debug_port = debug_port
         self.devtools_port: int | None = None
-        """The debugging port, when ``BROWSERVM_DEVTOOLS_PORT=1`` asked for one; the agent uses the pipe."""
+        """The debugging port, when ``debug_port`` asked for one; the agent uses the pipe."""
         self.devtools: DevToolsPipe | None = None
+        self._context: str | None = None
+        """The session's browser context (with its proxy), once made in the running Chromium."""
+        self._auth: ProxyAuth | None = None
+        self._context_lock = asyncio.Lock()
         self._launched_url = self.url
         self._shown_url: str | None = None
         """The URL last navigated to (and loaded, or given up on) in the running Chromium."""
@@ -209,12 +221,9 @@ class ChromiumService(Service):
         ]
         if self.debug_port:
             argv += ["--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0"]
-        if self.proxy is not None:
-            # Proxy credentials cannot go on the command line; they need a DevTools auth handler (not
-            # built yet), so a proxy that asks for them will show its 407 page.
-            argv.append(f"--proxy-server={self.proxy.url}")
-            argv.append(f"--proxy-bypass-list={';'.join(self.proxy.bypass)}")
-        argv.append(self.url)
+        # No --proxy-server: a session's proxy applies to a browser context of its own (use_proxy), so
+        # a browser started before its session (the warm pool) serves any user's proxy.
+        argv.append(self._launched_url)
         return argv
 
     async def start(self, log_to: ServiceLog) -> asyncio.subprocess.Process:
@@ -231,7 +240,9 @@ class ChromiumService(Service):
                 (self.profile_dir / stale).unlink()
         env = {**self.env, "DISPLAY": self.xvfb.display}
         self._ready.clear()
-        self._launched_url = self._shown_url = self.url
+        # With a proxy the page is opened in its context once Chromium answers, never in the default one.
+        self._launched_url = self.url if self.proxy is None else "about:blank"
+        self._shown_url = self._launched_url
         devtools = DevToolsPipe()
         try:
             process = await spawn(self.argv(binary), env=env, log_to=log_to, fds=devtools.child_fds)
@@ -241,10 +252,6 @@ class ChromiumService(Service):
         await devtools.open()
         self.devtools = devtools
         return process
-
-    @property
-    def debug_port(self) -> bool:
-        return self.env.get("BROWSERVM_DEVTOOLS_PORT") == "1"
 
     async def wait_ready(self, process: asyncio.subprocess.Process) -> None:
         assert self.devtools is not None
@@ -266,6 +273,10 @@ class ChromiumService(Service):
     async def exited(self) -> None:
         self._ready.clear()
         self.devtools_port = None
+        self._context = None  # gone with the browser; made again in the next one
+        if self._auth is not None:
+            await self._auth.close()
+            self._auth = None
         if self.devtools is not None:
             await self.devtools.close()
             self.devtools = None
@@ -289,6 +300,56 @@ class ChromiumService(Service):
                 return  # the restarted Chromium opened it while coming up
         await self._navigate(url)
 
+    async def use_proxy(self, proxy: protocol.ProxyConfig) -> None:
+        """From now on the session's pages open in a browser context of their own that goes through
+        ``proxy``, its authentication answered over the DevTools pipe (never on a command line). Made at
+        once when Chromium runs, else when it is ready; again after a restart."""
+        self.proxy = proxy
+        if self._ready.is_set():
+            await self._proxied_page()
+
+    async def _proxied_page(self) -> dict[str, Any]:
+        """The page target of the session's proxied context, made (with its window) when missing."""
+        assert self.proxy is not None
+        devtools = self._pipe()
+        async with self._context_lock:
+            if self._context is None:
+                old_pages = [t for t in await self._targets() if t.get("type") == "page"]
+                auth = ProxyAuth(devtools, self.proxy)
+                await auth.start()  # before the first request of the context can ask for credentials
+                created = await devtools.call(
+                    "Target.createBrowserContext",
+                    {
+                        "proxyServer": self.proxy.url,
+                        "proxyBypassList": ";".join(self.proxy.bypass),
+                        "disposeOnDetach": False,
+                    },
+                )
+                context = str(created["browserContextId"])
+                auth.context = context
+                self._auth, self._context = auth, context
+                window = {"left": 0, "top": 0, "width": self.screen.width, "height": self.screen.height}
+                await devtools.call(
+                    "Target.createTarget",
+                    {"url": "about:blank", "browserContextId": context, "newWindow": True, **window},
+                )
+                for page in old_pages:  # the user sees the session's window only
+                    with contextlib.suppress(DevToolsError):
+                        await devtools.call("Target.closeTarget", {"targetId": page["targetId"]})
+                log.info("chromium.proxied_context", proxy=self.proxy.url)
+            pages = [
+                t
+                for t in await self._targets()
+                if t.get("type") == "page" and t.get("browserContextId") == self._context
+            ]
+        if not pages:
+            raise DevToolsError("the session's browser window was closed")
+        return pages[0]
+
+    async def _targets(self) -> list[dict[str, Any]]:
+        targets: list[dict[str, Any]] = (await self._pipe().call("Target.getTargets"))["targetInfos"]
+        return targets
+
     async def current_url(self) -> str:
         """The URL of the page target, as DevTools reports it."""
         return str((await self._page_target())["url"])
@@ -299,7 +360,9 @@ class ChromiumService(Service):
         return self.devtools
 
     async def _page_target(self) -> dict[str, Any]:
-        targets = (await self._pipe().call("Target.getTargets"))["targetInfos"]
+        if self.proxy is not None:
+            return await self._proxied_page()
+        targets = await self._targets()
         pages = [t for t in targets if t.get("type") == "page"]
         if not pages:
             raise DevToolsError("Chromium has no page target to navigate (did the kiosk window close?)")
@@ -337,6 +400,106 @@ class ChromiumService(Service):
                 await devtools.call("Target.detachFromTarget", {"sessionId": session})
 
 
+class ProxyAuth:
+    """Answers a proxy's authentication for the pages and workers of one browser context, over the
+    DevTools pipe: every target of the browser is auto-attached paused; those of the context get the
+    Fetch domain (each request continued as it is, a proxy's challenge answered with the credentials,
+    a server's left to the page), the others are let go."""
+
+    MAX_ANSWERS = 2
+    """Challenges answered per request: a proxy that asks again refuses these credentials."""
+
+    def __init__(self, devtools: DevToolsPipe, proxy: protocol.ProxyConfig) -> None:
+        self.devtools = devtools
+        self.proxy = proxy
+        self.context: str | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._answered: dict[str, int] = {}
+
+    async def start(self) -> None:
+        started = asyncio.Event()
+        self._task = asyncio.create_task(self._serve(started), name="chromium-proxy-auth")
+        await started.wait()
+        await self.devtools.call(
+            "Target.setAutoAttach", {"autoAttach": True, "waitForDebuggerOnStart": True, "flatten": True}
+        )
+
+    async def close(self) -> None:
+        await cancel_and_wait([self._task, *self._handlers])
+
+    async def _serve(self, started: asyncio.Event) -> None:
+        with self.devtools.events() as events:
+            started.set()
+            while True:
+                event = await events.get()
+                task = asyncio.create_task(self._handle(event))
+                self._handlers.add(task)
+                task.add_done_callback(self._handlers.discard)
+
+    async def _handle(self, event: dict[str, Any]) -> None:
+        method, params, session = event.get("method"), event.get("params", {}), event.get("sessionId")
+        try:
+            if method == "Target.attachedToTarget":
+                await self._attached(params)
+            elif method == "Fetch.requestPaused" and session:
+                await self.devtools.call(
+                    "Fetch.continueRequest", {"requestId": params["requestId"]}, session_id=session
+                )
+            elif method == "Fetch.authRequired" and session:
+                await self._answer(params, session)
+        except DevToolsError as exc:  # the target went away meanwhile
+            log.debug("chromium.proxy_auth_event_failed", method=method, error=str(exc))
+
+    async def _attached(self, params: dict[str, Any]) -> None:
+        session = str(params["sessionId"])
+        info = params.get("targetInfo", {})
+        ours = self.context is not None and info.get("browserContextId") == self.context
+        if ours:
+            with contextlib.suppress(DevToolsError):  # not every kind of target has Fetch
+                await self.devtools.call(
+                    "Fetch.enable",
+                    {"handleAuthRequests": True, "patterns": [{"urlPattern": "*"}]},
+                    session_id=session,
+                )
+            if info.get("type") in ("page", "iframe"):
+                # Its out-of-process frames and workers, paused until they have Fetch too.
+                with contextlib.suppress(DevToolsError):
+                    await self.devtools.call(
+                        "Target.setAutoAttach",
+                        {"autoAttach": True, "waitForDebuggerOnStart": True, "flatten": True},
+                        session_id=session,
+                    )
+        if params.get("waitingForDebugger"):
+            with contextlib.suppress(DevToolsError):
+                await self.devtools.call("Runtime.runIfWaitingForDebugger", session_id=session)
+        if not ours:
+            with contextlib.suppress(DevToolsError):
+                await self.devtools.call("Target.detachFromTarget", {"sessionId": session})
+
+    async def _answer(self, params: dict[str, Any], session: str) -> None:
+        request = str(params["requestId"])
+        challenge = params.get("authChallenge", {})
+        times = self._answered.get(request, 0)
+        if challenge.get("source") != "Proxy":
+            response: dict[str, Any] = {"response": "Default"}
+        elif times >= self.MAX_ANSWERS or self.proxy.username is None:
+            response = {"response": "CancelAuth"}
+            log.warning("chromium.proxy_auth_refused", proxy=self.proxy.url)  # never the credentials
+        else:
+            self._answered[request] = times + 1
+            response = {
+                "response": "ProvideCredentials",
+                "username": self.proxy.username,
+                "password": self.proxy.password or "",
+            }
+        await self.devtools.call(
+            "Fetch.continueWithAuth",
+            {"requestId": request, "authChallengeResponse": response},
+            session_id=session,
+        )
+
+
 def _is_load_of(event: dict[str, Any], session: str, loader: str) -> bool:
     """Whether ``event`` is the ``load`` lifecycle event of that document in that attached session."""
     params = event.get("params", {})
@@ -346,3 +509,16 @@ def _is_load_of(event: dict[str, Any], session: str, loader: str) -> bool:
         and params.get("name") == "load"
         and params.get("loaderId") == loader
     )
+
+
+def _set_screen_size(display: str, width: int, height: int) -> None:
+    from browservm.guest.screen_size import ScreenSizer
+
+    try:
+        sizer = ScreenSizer(display)
+    except RuntimeError as exc:
+        raise ServiceNotReady(str(exc)) from exc
+    try:
+        sizer.resize(width, height)
+    finally:
+        sizer.close()

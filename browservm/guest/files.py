@@ -1,4 +1,4 @@
-"""What a CLI sandbox does for the controller: write files into the user's home, and run commands there.
+"""Files the controller writes into a CLI sandbox user's home (delivered credentials, settings).
 
 Every path that arrives over the channel is relative to the home directory and must stay inside it:
 absolute paths, ``..`` and symlinks that lead out are refused (:class:`BadPath`, code ``bad_path``).
@@ -8,34 +8,29 @@ a CLI never reads half a credential file, even if the guest loses power mid-writ
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import contextlib
-import itertools
 import json
 import os
-import signal
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
-
-from pydantic import BaseModel
+from typing import Any
 
 from browservm import protocol
 
-OUTPUT_CHUNK = 64 * 1024
 
+class FileRequestError(protocol.RequestError):
+    """A write the agent refuses (or a path of another request); :attr:`kind` is the Reply's error code."""
 
-class FileRequestError(Exception):
-    """A write or exec request the agent refuses; ``code`` goes into the Reply's error."""
+    kind = "bad_request"
 
-    code = "bad_request"
+    def __init__(self, message: str) -> None:
+        super().__init__(self.kind, message)
 
 
 class BadPath(FileRequestError):
-    code = "bad_path"
+    kind = "bad_path"
 
 
 def path_in_home(home: Path, relative: str) -> Path:
@@ -54,6 +49,22 @@ def path_in_home(home: Path, relative: str) -> Path:
     if not target.parent.resolve().is_relative_to(root):
         raise BadPath(f"path {relative!r} leads out of the home directory through a symlink")
     return target
+
+
+def read_files(home: Path, paths: Sequence[str]) -> list[protocol.FileBlob]:
+    """The files at ``paths`` (relative to the home, checked as for writing) that exist, with their mode."""
+    found = []
+    for relative in paths:
+        target = path_in_home(home, relative)
+        try:
+            content = target.read_bytes()
+            mode = target.stat().st_mode & 0o7777
+        except (FileNotFoundError, IsADirectoryError):
+            continue
+        found.append(
+            protocol.FileBlob(path=relative, content_b64=base64.b64encode(content).decode(), mode=mode)
+        )
+    return found
 
 
 def write_files(home: Path, files: Sequence[protocol.FileBlob]) -> list[str]:
@@ -129,85 +140,3 @@ def _write_atomically(target: Path, content: bytes, mode: int) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
-
-
-class ExecRunner:
-    """Runs commands in the home directory, one task each, reporting output and exit as events."""
-
-    def __init__(self, home: Path, base_env: Mapping[str, str], emit: Callable[[BaseModel], None]) -> None:
-        self.home = home
-        self.base_env = dict(base_env)
-        self.emit = emit
-        self._ids = itertools.count(1)
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self, request: protocol.Exec) -> str:
-        """Start the command; returns its exec id at once (output follows as events)."""
-        cwd = path_in_home(self.home, request.cwd) if request.cwd else self.home.resolve()
-        try:
-            stdin = base64.b64decode(request.stdin_b64, validate=True) if request.stdin_b64 else None
-        except binascii.Error as exc:
-            raise FileRequestError(f"stdin_b64 is not valid base64: {exc}") from exc
-        try:
-            process = await asyncio.create_subprocess_exec(
-                *request.argv,
-                stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                cwd=cwd,
-                env={**self.base_env, **request.env},
-                start_new_session=True,
-            )
-        except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
-            raise FileRequestError(f"cannot run {request.argv[0]!r}: {exc}") from exc
-        exec_id = f"x{next(self._ids)}"
-        task = asyncio.create_task(self._follow(exec_id, process, stdin, request.timeout_s))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return exec_id
-
-    async def _follow(
-        self, exec_id: str, process: asyncio.subprocess.Process, stdin: bytes | None, timeout_s: float
-    ) -> None:
-        async def feed() -> None:
-            assert process.stdin is not None
-            with contextlib.suppress(ConnectionError):
-                process.stdin.write(stdin or b"")
-                await process.stdin.drain()
-            process.stdin.close()
-
-        async def pump(stream: asyncio.StreamReader | None, name: Literal["stdout", "stderr"]) -> None:
-            assert stream is not None
-            while chunk := await stream.read(OUTPUT_CHUNK):
-                self.emit(
-                    protocol.ExecOutput(
-                        exec_id=exec_id,
-                        stream=name,
-                        data_b64=base64.b64encode(chunk).decode(),
-                    )
-                )
-
-        pumps = [pump(process.stdout, "stdout"), pump(process.stderr, "stderr")]
-        if stdin is not None:
-            pumps.append(feed())
-        timed_out = False
-        try:
-            await asyncio.wait_for(asyncio.gather(*pumps, process.wait()), timeout_s)
-        except TimeoutError:
-            # Timed out is the command itself still running; a background child that merely kept its
-            # output open is killed too, but does not make the command's own exit a timeout.
-            timed_out = process.returncode is None
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-        finally:
-            if process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                await process.wait()
-        assert process.returncode is not None
-        self.emit(protocol.ExecExit(exec_id=exec_id, exit_code=process.returncode, timed_out=timed_out))
-
-    async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)

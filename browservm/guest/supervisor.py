@@ -186,8 +186,8 @@ class ServiceStatus:
     detail: str = ""
     log: str = ""
 
-    def as_dict(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
+    def report(self) -> protocol.ServiceReport:
+        return protocol.ServiceReport(**dataclasses.asdict(self))
 
 
 class _Runner:

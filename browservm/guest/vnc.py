@@ -92,10 +92,16 @@ class VncService(Service):
         descriptor = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(descriptor, "w") as file:
             file.write(self.password + "\n")
+        # x11vnc takes the screen's size from the X connection, which says what Xvfb was created at
+        # (the largest the screen may follow a viewer to): clip to the size it has now; -xrandr then
+        # follows each later change (checked with x11vnc 0.9.16).
+        width, height = await asyncio.to_thread(_screen_size, self.xvfb.display)
         argv = [
             "x11vnc",
             "-display",
             self.xvfb.display,
+            "-clip",
+            f"{width}x{height}+0+0",
             "-rfbport",
             str(self._port),
             "-localhost",
@@ -104,6 +110,7 @@ class VncService(Service):
             "-forever",
             "-shared",
             "-noncache",
+            "-xrandr",  # the screen follows the WebRTC viewer's size: tell VNC viewers (DesktopSize)
             "-quiet",
         ]
         return await spawn(argv, env=self.env, log_to=log_to)
@@ -226,3 +233,13 @@ async def _authenticate(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
     (result,) = struct.unpack(">I", await reader.readexactly(4))
     if result != 0:
         raise VncAuthError("x11vnc refused the password")
+
+
+def _screen_size(display: str) -> tuple[int, int]:
+    from browservm.guest.screen_size import ScreenSizer
+
+    sizer = ScreenSizer(display)
+    try:
+        return sizer.size()
+    finally:
+        sizer.close()

@@ -11,8 +11,17 @@ Lifecycle, for every backend::
          │                 │
          │                 ├─ hibernate(handle) ──▶ handle (state kept, compute released)
          │                 ├─ resume(handle)    ──▶ handle (running again, same identity)
+         │                 ├─ snapshot(handle)  ──▶ SandboxSnapshot (the guest saved; the sandbox ends)
          │                 └─ destroy(handle)   (idempotent; frees every resource create took)
          └─ on any failure inside create: everything already taken is released before raising
+
+    restore(snapshot, spec) ──▶ SandboxHandle: a new sandbox (spec's id, network, resources) that wakes
+                                up as the saved guest was, then takes the spec's identity
+
+Snapshots are how a warm pool refills without booting (``supports_snapshots``): a browser sandbox is
+booted and prepared once, saved, and every warm sandbox after it is a restored copy with its own id,
+address, clock and reseeded random generator (the guest's root helper sets those; see
+``browservm.guest.identity``).
 
 ``handle.runtime`` is the backend's own JSON-serialisable record of what it created (pids, paths, TAP
 names, VM ids). The controller stores it in the database; after a restart the backend's
@@ -42,22 +51,37 @@ class Liveness(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Resources:
+    """What one sandbox may use. Backends enforce what they can (a VM its vCPUs and memory; a process
+    sandbox a cgroup's CPU quota, memory and task limits, and the size of its tmpfs)."""
+
     vcpus: int = 1
     memory_mib: int = 1024
     disk_mib: int = 2048
+    tasks: int = 1024
+    """Processes and threads (a fork bomb stops here)."""
+    tmp_mib: int = 256
+    """Size of the sandbox's in-memory ``/tmp`` and ``/dev/shm``."""
 
 
 @dataclass(frozen=True, slots=True)
 class NetworkSpec:
-    """Where a sandbox sits on the host's sandbox network. Addresses come from the store's pool.
+    """Where a sandbox sits on the host's sandbox network (:mod:`browservm.sandbox.network`), as the
+    controller allocated it before ``create``: its network namespace (``ip netns`` name), where the
+    backend starts the guest (a process backend) or creates its TAP and VMM (a VM backend), and the
+    guest's address, gateway and MAC. ``netns`` ``None``: no network at all (the guest has only its own
+    loopback).
 
     ``egress_allow`` lists ``host:port`` a guest may reach (its proxy, TURN, DNS); everything else is
     dropped by the backend's policy. Backends that cannot enforce a policy must refuse a spec that asks
     for one rather than run unfiltered.
     """
 
+    netns: str | None = None
     address: str | None = None
+    gateway: str | None = None
+    prefix_len: int = 32
     mac: str | None = None
+    dns: Sequence[str] = ()
     egress_allow: Sequence[str] = ()
 
 
@@ -101,6 +125,19 @@ class SandboxUnsupported(SandboxError):
 
 
 @dataclass(frozen=True, slots=True)
+class SandboxSnapshot:
+    """A guest saved by :meth:`SandboxBackend.snapshot`, to start new sandboxes from. Lives on the host
+    that took it until :meth:`SandboxBackend.delete_snapshot`; a new controller prunes what an old one
+    left (:meth:`SandboxBackend.prune_snapshots`)."""
+
+    snapshot_id: str
+    backend: str
+    role: Role
+    runtime: Mapping[str, Any]
+    """Backend-private, JSON-serialisable: where the saved state is and the machine it needs."""
+
+
+@dataclass(frozen=True, slots=True)
 class BackendReadiness:
     ready: bool
     detail: str
@@ -137,6 +174,28 @@ class SandboxBackend(abc.ABC):
     async def resume(self, handle: SandboxHandle) -> SandboxHandle:
         """Run a hibernated sandbox again with the same identity and state."""
         raise SandboxUnsupported(handle.sandbox_id, f"backend {self.name} cannot resume")
+
+    supports_snapshots: bool = False
+    """Whether :meth:`snapshot` and :meth:`restore` work on this backend (the warm pool asks)."""
+
+    async def snapshot(self, handle: SandboxHandle) -> SandboxSnapshot:
+        """Save the running guest for :meth:`restore` and end the sandbox (every resource it had is
+        freed, as by :meth:`destroy`, but the saved state)."""
+        raise SandboxUnsupported(handle.sandbox_id, f"backend {self.name} takes no snapshots")
+
+    async def restore(self, snapshot: SandboxSnapshot, spec: SandboxSpec) -> SandboxHandle:
+        """A new sandbox from ``snapshot``, with ``spec``'s id and network: once this returns, its guest
+        runs with that identity, the host's time and a reseeded random generator, and :meth:`connect`
+        reaches its agent. Releases everything on failure, like :meth:`create`."""
+        raise SandboxUnsupported(spec.sandbox_id, f"backend {self.name} restores no snapshots")
+
+    async def delete_snapshot(self, snapshot: SandboxSnapshot) -> None:
+        """Remove the saved state. Idempotent; sandboxes restored from it are not affected."""
+
+    async def prune_snapshots(self) -> list[str]:
+        """Remove every snapshot this backend holds on the host (a controller starting, whose warm pool
+        takes a fresh one); returns their ids."""
+        return []
 
     async def list_orphans(self, known: Sequence[str]) -> list[str]:
         """Sandbox ids this backend finds running on the host that are not in ``known``."""

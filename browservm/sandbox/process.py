@@ -1,27 +1,31 @@
-"""The ``process`` backend: a sandbox is a guest agent process tree on this host.
+"""The ``process`` backend: a sandbox is a guest agent process tree on this host, confined.
 
-Each sandbox owns ``state_dir/sandboxes/<id>/`` with ``home/`` (the user's home) and ``run/`` (the
-channel socket ``agent.sock``, ``agent.log``, service logs, the browser profile). The agent starts in a
-session of its own, so it outlives a controller crash; a restarted controller rebuilds the handle from
-``runtime`` and adopts it (:meth:`ProcessBackend.probe`, :meth:`ProcessBackend.connect`).
+Each sandbox owns ``state_dir/sandboxes/<id>/`` (root's): ``home/`` (the user's home, ``/home/user``
+inside) and ``run/`` (``/run/browservm`` inside: the channel socket ``agent.sock``, ``agent.log``,
+service logs, the browser profile), both owned by the sandbox's own host user, and ``etc/`` (its
+``passwd``, ``hostname``...). The agent starts in a session of its own, so it outlives a controller
+crash; a restarted controller rebuilds the handle from ``runtime`` and adopts it (:meth:`probe`,
+:meth:`connect`).
 
-Where bubblewrap works, the agent runs under ``bwrap``: the whole filesystem read-only except its own
-sandbox directory, a private ``/tmp`` (so its X display socket is its alone), and private PID and IPC
-namespaces. The controller's state directory is hidden under an empty tmpfs with only the sandbox's own
-directory bound back: other sandboxes (their homes, credentials and agent sockets), the database, the
-vault keys and the controller's signing key are not there to read. So are the files named in ``hidden``
-(the vault key file and the config file when they live elsewhere). Not ``--die-with-parent``: the sandbox
-must outlive its controller.
+Confinement (what a guest gets, measured by ``tests/sandbox/test_isolation.py`` from inside):
 
-Network: **sandboxes share the host's network namespace for now**; the sandbox network (a namespace per
-host with a bridge, an address per sandbox and the nftables egress policy) is a later issue. Its handle
-will go into ``runtime["netns"]`` (``None`` today) and the agent command will be wrapped in
-``ip netns exec``; nothing else here changes. Until then a spec that asks for an egress policy is
-refused rather than run unfiltered.
+* **No privilege.** The agent and everything it starts run as an unprivileged host user of their own (a
+  uid no other sandbox has), ``user`` (1000) inside a user namespace, with no capabilities,
+  ``no_new_privs``, further user namespaces disabled and a seccomp filter
+  (:mod:`browservm.sandbox.seccomp`). Its view of the file system is :mod:`browservm.sandbox.bubblewrap`'s:
+  the host's ``/`` read-only with the controller's state, secrets and every home hidden, mounts it cannot
+  undo.
+* **Bounded.** A cgroup per sandbox (:mod:`browservm.sandbox.cgroups`) limits its memory (tmpfs
+  included), tasks and CPU, from the spec's :class:`~browservm.sandbox.base.Resources`; its ``/tmp`` and
+  ``/dev/shm`` are size-limited tmpfs.
+* **Found by its cgroup.** Every process of the sandbox is in its cgroup, so :meth:`destroy` ends all of
+  them (also a service that left its agent's tree, or an agent whose bubblewrap monitor was killed), and
+  :meth:`probe` is not fooled by pid reuse. Every process also carries ``BROWSERVM_SANDBOX_DIR`` in its
+  environment: on a host without writable cgroups that is how stragglers and orphans are found.
 
-Every process of a sandbox carries ``BROWSERVM_SANDBOX_DIR`` in its environment. :meth:`destroy` uses it
-to find stragglers that left the agent's process tree (a service re-parented after its agent was
-killed), and :meth:`list_orphans` to find agents nobody knows about.
+* **Networked apart.** The agent starts inside the network namespace the controller made for the
+  sandbox (``spec.network.netns``, :mod:`browservm.sandbox.network`); without one it gets a namespace
+  with only its own loopback. Either way it shares nothing with the host's or another sandbox's.
 """
 
 from __future__ import annotations
@@ -30,23 +34,24 @@ import asyncio
 import contextlib
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import psutil
 import structlog
 
-import browservm
 from browservm import protocol
+from browservm.sandbox import bubblewrap, scope_of, seccomp
 from browservm.sandbox.base import (
     BackendReadiness,
     Liveness,
+    NetworkSpec,
+    Resources,
     Role,
     SandboxBackend,
     SandboxBootTimeout,
@@ -55,6 +60,7 @@ from browservm.sandbox.base import (
     SandboxSpec,
     SandboxUnsupported,
 )
+from browservm.sandbox.cgroups import CgroupError, Cgroups, Limits, SandboxCgroup
 from browservm.sandbox.channel import Channel
 
 log = structlog.get_logger(__name__)
@@ -67,6 +73,9 @@ CONNECT_POLL_S = 0.02
 LOG_TAIL_BYTES = 4096
 UNIX_PATH_MAX = 107
 """Longest unix socket path the kernel takes (108 bytes with the NUL)."""
+UID_BASE = 2_000_000_000
+UID_COUNT = 100_000_000
+"""Host uids for sandboxes: far above any user's, /etc/subuid ranges and container remaps."""
 
 
 def _tail(path: Path, size: int = LOG_TAIL_BYTES) -> str:
@@ -85,41 +94,58 @@ class ProcessBackend(SandboxBackend):
     def __init__(
         self,
         state_dir: Path,
-        python: str = sys.executable,
-        use_bwrap: bool | None = None,
-        hidden: Sequence[Path] = (),
+        image: Path | Callable[[], Path] | None = None,
+        *,
+        python: str = "python3",
+        idle_timeout_s: float = 120.0,
+        uid_base: int = UID_BASE,
+        uid_count: int = UID_COUNT,
+        cgroups: Cgroups | bool | None = True,
     ) -> None:
         self.state_dir = state_dir
+        self._image = image
+        """The guest image's tree every sandbox runs as its ``/`` (or what finds the current one); without
+        one the backend can still probe, adopt and destroy sandboxes, not create them."""
         self.python = python
-        self.hidden = [path.resolve() for path in hidden]
-        """Secrets outside the state directory that no sandbox may read."""
-        self._use_bwrap = use_bwrap
+        """The agent's interpreter inside the image."""
+        self.idle_timeout_s = idle_timeout_s
+        """The guest ends itself when no controller spoke to it for this long (0: never)."""
+        self.uid_base = uid_base
+        self.uid_count = uid_count
+        self.scope = scope_of(state_dir)
+        """Names this controller's host-wide resources (cgroups), so controllers never touch each other's."""
+        if cgroups is True:
+            self.cgroups = Cgroups.detect(self.scope)
+        else:
+            self.cgroups = cgroups or None
+        self._seccomp = seccomp.compile_filter()
+        self._bwrap_ok: bool | None = None
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         """Agents started by this backend instance, so their exit is noticed and reaped at once."""
+
+    def image_root(self) -> Path:
+        """The tree sandboxes start from now; :class:`SandboxError` with the fix when there is none."""
+        if self._image is None:
+            raise SandboxError("-", "this process backend was given no guest image to run sandboxes from")
+        try:
+            root = self._image if isinstance(self._image, Path) else self._image()
+        except LookupError as exc:
+            raise SandboxError("-", str(exc)) from None
+        if not (root / "usr" / "bin" / "python3").exists():
+            raise SandboxError(
+                "-",
+                f"{root} is not a guest image tree (no usr/bin/python3): rebuild it with browservm image build",
+            )
+        return root
 
     @property
     def sandboxes_dir(self) -> Path:
         return self.state_dir / "sandboxes"
 
-    # ------------------------------------------------------------------ bubblewrap
+    # ------------------------------------------------------------------ the sandbox's command
 
-    def bwrap_usable(self) -> bool:
-        """Whether bubblewrap is installed and can create namespaces here (checked once)."""
-        if self._use_bwrap is None:
-            binary = shutil.which("bwrap")
-            self._use_bwrap = binary is not None and (
-                subprocess.run(
-                    [binary, "--ro-bind", "/", "/", "--unshare-pid", "--unshare-ipc", "true"],
-                    capture_output=True,
-                    timeout=10,
-                    check=False,
-                ).returncode
-                == 0
-            )
-        return self._use_bwrap
-
-    def _command(self, sandbox_id: str, role: Role, sandbox_dir: Path, bwrap: bool) -> list[str]:
-        agent = [
+    def _agent_argv(self, sandbox_id: str, role: Role) -> list[str]:
+        return [
             self.python,
             "-m",
             "browservm.guest.agent",
@@ -128,54 +154,30 @@ class ProcessBackend(SandboxBackend):
             "--role",
             role,
             "--listen",
-            f"unix:{sandbox_dir / 'run' / 'agent.sock'}",
+            f"unix:{bubblewrap.GUEST_RUN / 'agent.sock'}",
             "--home",
-            str(sandbox_dir / "home"),
+            str(bubblewrap.GUEST_HOME),
             "--run-dir",
-            str(sandbox_dir / "run"),
+            str(bubblewrap.GUEST_RUN),
+            "--idle-timeout-s",
+            f"{self.idle_timeout_s:g}",
         ]
-        if not bwrap:
-            return agent
-        # The outer bwrap stays as a monitor, the inner one is the new PID namespace's init and the agent
-        # its child: a SIGKILL of the init ends every process of the sandbox at once.
-        return [
-            "bwrap",
-            "--ro-bind", "/", "/",
-            "--dev", "/dev",
-            "--proc", "/proc",
-            "--tmpfs", "/tmp",  # noqa: S108 - a fresh private tmpfs, not the host /tmp
-            "--tmpfs", str(self.state_dir.resolve()),
-            *self._hide_binds(),
-            *self._code_binds(),
-            "--bind", str(sandbox_dir), str(sandbox_dir),
-            "--unshare-pid",
-            "--unshare-ipc",
-            "--new-session",
-            "--chdir", str(sandbox_dir / "home"),
-            "--",
-            *agent,
-        ]  # fmt: skip
 
-    def _hide_binds(self) -> list[str]:
-        binds: list[str] = []
-        for path in self.hidden:
-            if path.is_dir():
-                binds += ["--tmpfs", str(path)]
-            elif path.exists():
-                binds += ["--ro-bind", "/dev/null", str(path)]
-        return binds
-
-    def _code_binds(self) -> list[str]:
-        """Read-only binds that bring back the agent's Python and code when they live where the sandbox
-        sees an empty directory (a checkout or virtualenv under /tmp, or under the state directory)."""
-        wanted = {Path(sys.prefix), Path(sys.base_prefix), Path(self.python).parent.parent,
-                  Path(browservm.__file__).resolve().parent.parent}  # fmt: skip
-        masked = [Path("/tmp"), self.state_dir.resolve(), *(p for p in self.hidden if p.is_dir())]  # noqa: S108
-        binds: list[str] = []
-        for path in sorted(wanted):
-            if path.is_dir() and any(path.resolve().is_relative_to(m) for m in masked):
-                binds += ["--ro-bind", str(path), str(path)]
-        return binds
+    def _env(self, sandbox_dir: Path, sandbox_id: str, extra_env: Mapping[str, str] | None) -> dict[str, str]:
+        # Not the controller's environment: it holds secrets (vault keys, database URL) a guest must not see.
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "LANG": "C.UTF-8",
+            "HOME": str(bubblewrap.GUEST_HOME),
+            "USER": "user",
+            "LOGNAME": "user",
+            "SHELL": "/bin/bash",
+            "PYTHONUNBUFFERED": "1",
+            MARKER_ENV: str(sandbox_dir),
+            "BROWSERVM_SANDBOX_ID": sandbox_id,
+        }
+        env.update(extra_env or {})
+        return env
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -183,8 +185,7 @@ class ProcessBackend(SandboxBackend):
         if spec.network.egress_allow:
             raise SandboxUnsupported(
                 spec.sandbox_id,
-                "the process backend shares the host network and cannot enforce an egress policy yet; "
-                "create the sandbox without network.egress_allow or use the qemu backend",
+                "per-sandbox egress lists are not built yet (the sandbox network's policy applies to all)",
             )
         if not SANDBOX_ID.fullmatch(spec.sandbox_id):
             raise SandboxError(
@@ -201,45 +202,103 @@ class ProcessBackend(SandboxBackend):
             )
         if sandbox_dir.exists():
             raise SandboxError(spec.sandbox_id, f"{sandbox_dir} already exists: destroy that sandbox first")
+        if not await asyncio.to_thread(self.bwrap_usable):
+            raise SandboxError(spec.sandbox_id, self._bwrap_problem())
         try:
-            (sandbox_dir / "home").mkdir(parents=True, mode=0o700)
-            (sandbox_dir / "run").mkdir(mode=0o700)
-            return await asyncio.to_thread(self._start, spec.sandbox_id, spec.role, sandbox_dir, spec.env)
+            uid = self._prepare_dir(spec.sandbox_id, sandbox_dir, spec.network)
+            return await asyncio.to_thread(
+                self._start,
+                spec.sandbox_id,
+                spec.role,
+                sandbox_dir,
+                uid,
+                spec.resources,
+                spec.network.netns,
+                spec.env,
+            )
         except BaseException:
             await self.destroy(
-                SandboxHandle(spec.sandbox_id, self.name, spec.role, {"dir": str(sandbox_dir), "pid": None})
+                SandboxHandle(spec.sandbox_id, self.name, spec.role, {"dir": str(sandbox_dir)})
             )
             raise
 
-    def _start(
-        self, sandbox_id: str, role: Role, sandbox_dir: Path, extra_env: Mapping[str, str] | None = None
-    ) -> SandboxHandle:
-        bwrap = self.bwrap_usable()
-        # Not the controller's environment: it holds secrets (vault keys, database URL) a guest must not see.
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
-            "LANG": "C.UTF-8",
-            "HOME": str(sandbox_dir / "home"),
-            "PYTHONUNBUFFERED": "1",
-            MARKER_ENV: str(sandbox_dir),
-            "BROWSERVM_SANDBOX_ID": sandbox_id,
-            **dict(extra_env or {}),
-        }
+    def _prepare_dir(self, sandbox_id: str, sandbox_dir: Path, network: NetworkSpec) -> int:
+        """The sandbox's directories, owned by a host uid of its own (returned). No awaits in here: two
+        creates on this loop cannot pick the same uid."""
+        self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
+        # Traversable to reach one's own directory (the agent's socket), not listable.
+        os.chmod(self.sandboxes_dir, 0o711)  # noqa: S103
+        taken = self._uids_in_use()
+        while (uid := self.uid_base + secrets.randbelow(self.uid_count)) in taken:
+            pass
+        sandbox_dir.mkdir(mode=0o711)
+        for name in ("home", "run"):
+            (sandbox_dir / name).mkdir(mode=0o700)
+            os.chown(sandbox_dir / name, uid, uid)
+        etc = sandbox_dir / "etc"
+        etc.mkdir(mode=0o755)
+        for name, content in bubblewrap.etc_files(_hostname(sandbox_id), network.dns).items():
+            (etc / name).write_text(content)
+            os.chmod(etc / name, 0o644)
+        return uid
+
+    def _uids_in_use(self) -> set[int]:
+        taken = set()
         with contextlib.suppress(FileNotFoundError):
-            (sandbox_dir / "run" / "agent.sock").unlink()
-        with (sandbox_dir / "run" / "agent.log").open("ab") as agent_log:
-            try:
-                process = subprocess.Popen(
-                    self._command(sandbox_id, role, sandbox_dir, bwrap),
-                    stdin=subprocess.DEVNULL,
-                    stdout=agent_log,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    cwd=sandbox_dir / "home",
-                    start_new_session=True,
-                )
-            except OSError as exc:
-                raise SandboxError(sandbox_id, f"cannot start the guest agent: {exc}") from exc
+            for entry in self.sandboxes_dir.iterdir():
+                with contextlib.suppress(OSError):
+                    taken.add((entry / "home").stat().st_uid)
+        return taken
+
+    def _start(
+        self,
+        sandbox_id: str,
+        role: Role,
+        sandbox_dir: Path,
+        uid: int,
+        resources: Resources,
+        netns: str | None,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> SandboxHandle:
+        root = self.image_root()
+        cgroup = self._cgroup(sandbox_id, resources)
+        fd = seccomp.filter_fd(self._seccomp)
+        try:
+            view = bubblewrap.View(
+                root=root,
+                home=sandbox_dir / "home",
+                run=sandbox_dir / "run",
+                etc=sandbox_dir / "etc",
+                hostname=_hostname(sandbox_id),
+                seccomp_fd=fd,
+                tmp_mib=resources.tmp_mib,
+                extra=("--unshare-net",) if netns is None else (),
+            )
+            argv = bubblewrap.command(view, uid, self._agent_argv(sandbox_id, role))
+            if netns is not None:
+                # Its own network namespace, made by the controller (root's: the guest can change nothing
+                # of it); without one, bubblewrap gives it a namespace with only a loopback.
+                argv = ["nsenter", f"--net=/run/netns/{netns}", "--", *argv]
+            if cgroup is not None:
+                argv = cgroup.enter_argv(argv)
+            with contextlib.suppress(FileNotFoundError):
+                (sandbox_dir / "run" / "agent.sock").unlink()
+            with (sandbox_dir / "run" / "agent.log").open("ab") as agent_log:
+                try:
+                    process = subprocess.Popen(
+                        argv,
+                        stdin=subprocess.DEVNULL,
+                        stdout=agent_log,
+                        stderr=subprocess.STDOUT,
+                        env=self._env(sandbox_dir, sandbox_id, extra_env),
+                        cwd=sandbox_dir,
+                        start_new_session=True,
+                        pass_fds=(fd,),
+                    )
+                except OSError as exc:
+                    raise SandboxError(sandbox_id, f"cannot start the guest agent: {exc}") from exc
+        finally:
+            os.close(fd)
         self._children[sandbox_id] = process
         try:
             start_time = psutil.Process(process.pid).create_time()
@@ -247,21 +306,39 @@ class ProcessBackend(SandboxBackend):
             raise SandboxError(
                 sandbox_id, "the guest agent exited at once", detail=_tail(sandbox_dir / "run" / "agent.log")
             ) from exc
-        log.info("sandbox.started", sandbox_id=sandbox_id, pid=process.pid, bwrap=bwrap)
+        log.info(
+            "sandbox.started", sandbox_id=sandbox_id, pid=process.pid, uid=uid, cgroup=cgroup is not None
+        )
         return SandboxHandle(
             sandbox_id=sandbox_id,
             backend=self.name,
             role=role,
             runtime={
                 "pid": process.pid,
-                "pgid": process.pid,
                 "start_time": start_time,
                 "dir": str(sandbox_dir),
                 "socket": str(sandbox_dir / "run" / "agent.sock"),
-                "bwrap": bwrap,
-                "netns": None,
+                "uid": uid,
+                "resources": {
+                    "vcpus": resources.vcpus,
+                    "memory_mib": resources.memory_mib,
+                    "tasks": resources.tasks,
+                    "tmp_mib": resources.tmp_mib,
+                },
+                "cgroup": cgroup is not None,
+                "netns": netns,
+                "image": str(root),
             },
         )
+
+    def _cgroup(self, sandbox_id: str, resources: Resources) -> SandboxCgroup | None:
+        if self.cgroups is None:
+            return None
+        limits = Limits(memory_mib=resources.memory_mib, tasks=resources.tasks, cpus=float(resources.vcpus))
+        try:
+            return self.cgroups.create(sandbox_id, limits)
+        except CgroupError as exc:
+            raise SandboxError(sandbox_id, f"cannot limit the sandbox: {exc}") from exc
 
     async def connect(self, handle: SandboxHandle, *, timeout_s: float) -> Channel:
         socket = Path(handle.runtime["socket"])
@@ -270,7 +347,7 @@ class ProcessBackend(SandboxBackend):
         while True:
             if self._liveness(handle) != Liveness.ALIVE:
                 raise SandboxError(
-                    handle.sandbox_id, "the guest agent is not running", detail=_tail(agent_log)
+                    handle.sandbox_id, "the guest agent is not running", detail=self._failure_detail(handle)
                 )
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -295,16 +372,23 @@ class ProcessBackend(SandboxBackend):
                 handle.sandbox_id, f"the guest agent's handshake failed: {exc}", detail=_tail(agent_log)
             ) from exc
 
+    def _failure_detail(self, handle: SandboxHandle) -> str:
+        detail = _tail(Path(handle.runtime["dir"]) / "run" / "agent.log")
+        if self.cgroups is not None and handle.runtime.get("cgroup"):
+            events = self.cgroups.of(handle.sandbox_id).memory_events()
+            if events:
+                detail += f"\n(cgroup memory: {events})"
+        return detail
+
     async def destroy(self, handle: SandboxHandle) -> None:
         # A handle with no runtime (an orphan found by list_orphans) is found by its id alone.
-        if not handle.runtime.get("dir"):
-            handle = replace(handle, runtime={**handle.runtime, "dir": str(self._dir_of(handle.sandbox_id))})
-        await asyncio.to_thread(self._stop_processes, handle)
-        await asyncio.to_thread(shutil.rmtree, handle.runtime["dir"], ignore_errors=True)
+        sandbox_dir = Path(handle.runtime.get("dir") or self._dir_of(handle.sandbox_id))
+        await asyncio.to_thread(self._stop_processes, handle.sandbox_id, handle.runtime, sandbox_dir)
+        await asyncio.to_thread(shutil.rmtree, sandbox_dir, ignore_errors=True)
         log.info("sandbox.destroyed", sandbox_id=handle.sandbox_id)
 
     def _dir_of(self, sandbox_id: str) -> Path:
-        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", sandbox_id):
+        if not SANDBOX_ID.fullmatch(sandbox_id):
             raise SandboxError(sandbox_id, "not a sandbox id this backend creates")
         return self.sandboxes_dir / sandbox_id
 
@@ -316,8 +400,8 @@ class ProcessBackend(SandboxBackend):
             raise SandboxUnsupported(
                 handle.sandbox_id, "only CLI sandboxes hibernate; a browser sandbox is destroyed instead"
             )
-        await asyncio.to_thread(self._stop_processes, handle)
         sandbox_dir = Path(handle.runtime["dir"])
+        await asyncio.to_thread(self._stop_processes, handle.sandbox_id, handle.runtime, sandbox_dir)
         (sandbox_dir / HIBERNATED_MARKER).write_text(f"{time.time()}\n")
         return SandboxHandle(
             handle.sandbox_id, self.name, handle.role, {**handle.runtime, "pid": None, "start_time": None}
@@ -329,7 +413,12 @@ class ProcessBackend(SandboxBackend):
             return handle
         if not (sandbox_dir / HIBERNATED_MARKER).exists():
             raise SandboxError(handle.sandbox_id, f"{sandbox_dir} holds no hibernated sandbox to resume")
-        resumed = await asyncio.to_thread(self._start, handle.sandbox_id, handle.role, sandbox_dir)
+        uid = (sandbox_dir / "home").stat().st_uid
+        resources = Resources(**handle.runtime.get("resources", {}))
+        netns = handle.runtime.get("netns")
+        resumed = await asyncio.to_thread(
+            self._start, handle.sandbox_id, handle.role, sandbox_dir, uid, resources, netns
+        )
         (sandbox_dir / HIBERNATED_MARKER).unlink()
         return resumed
 
@@ -338,6 +427,8 @@ class ProcessBackend(SandboxBackend):
         found: set[str] = set()
         if self.sandboxes_dir.is_dir():
             found |= {entry.name for entry in self.sandboxes_dir.iterdir() if entry.is_dir()}
+        if self.cgroups is not None:
+            found |= self.cgroups.sandbox_ids()
         prefix = str(self.sandboxes_dir) + os.sep
         for process in await asyncio.to_thread(_marked_processes, None):
             marker = _environ(process).get(MARKER_ENV, "")
@@ -347,41 +438,66 @@ class ProcessBackend(SandboxBackend):
 
     async def readiness(self) -> BackendReadiness:
         problems: list[str] = []
-        check = await asyncio.create_subprocess_exec(
-            self.python,
-            "-c",
-            "import browservm.guest.agent",
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        _, stderr = await check.communicate()
-        if check.returncode != 0:
-            problems.append(f"{self.python} cannot import the guest agent: {stderr.decode()[-300:]}")
-        for tool in ("Xvfb", "x11vnc"):
-            if shutil.which(tool) is None:
-                problems.append(
-                    f"{tool} is missing (apt-get install xvfb x11vnc): browser sandboxes cannot run"
-                )
-        if not any(shutil.which(c) for c in ("/usr/lib/chromium/chromium", "chromium")):
-            problems.append("chromium is missing (apt-get install chromium): browser sandboxes cannot run")
-        bwrap = await asyncio.to_thread(self.bwrap_usable)
-        isolation = "bubblewrap" if bwrap else "no bubblewrap (agents run unconfined)"
+        try:
+            root = self.image_root()
+        except SandboxError as exc:
+            problems.append(str(exc).removeprefix("sandbox -: "))
+            root = None
+        if not await asyncio.to_thread(self.bwrap_usable):
+            problems.append(self._bwrap_problem())
         if problems:
             return BackendReadiness(False, "; ".join(problems))
-        return BackendReadiness(True, f"ok: {isolation}; network shared with the host")
+        limits = self.cgroups.describe() if self.cgroups else "no writable cgroups: sandboxes run unlimited"
+        return BackendReadiness(
+            True,
+            f"ok: image {root}; bubblewrap, unprivileged user namespaces, seccomp; {limits}; "
+            "a network namespace per sandbox",
+        )
+
+    # ------------------------------------------------------------------ bubblewrap
+
+    def bwrap_usable(self) -> bool:
+        """Whether bubblewrap can build a sandbox here as an unprivileged user (checked once)."""
+        if self._bwrap_ok is None:
+            probe = bubblewrap.probe_command(self.uid_base)
+            self._bwrap_ok = (
+                shutil.which("bwrap") is not None
+                and shutil.which("setpriv") is not None
+                and subprocess.run(probe, capture_output=True, timeout=10, check=False).returncode == 0
+            )
+        return self._bwrap_ok
+
+    def _bwrap_problem(self) -> str:
+        return (
+            "bubblewrap cannot create a sandbox as an unprivileged user here: install bubblewrap and "
+            "util-linux (apt-get install bubblewrap util-linux), run the controller as root, and allow "
+            "unprivileged user namespaces (sysctl user.max_user_namespaces > 0; on Ubuntu also "
+            "kernel.apparmor_restrict_unprivileged_userns=0 or an AppArmor profile for bwrap)"
+        )
 
     # ------------------------------------------------------------------ processes
 
-    def _agent_process(self, handle: SandboxHandle) -> psutil.Process | None:
-        """The sandbox's top process if it still runs, never a stranger that reused its pid."""
-        child = self._children.get(handle.sandbox_id)
+    def _agent_process(self, sandbox_id: str, runtime: Mapping[str, object]) -> psutil.Process | None:
+        """The sandbox's agent if it runs now (found in its cgroup, so never a stranger that reused a pid)."""
+        if self.cgroups is None or not runtime.get("cgroup"):
+            return self._top_process(sandbox_id, runtime)
+        for pid in self.cgroups.of(sandbox_id).pids():
+            with contextlib.suppress(psutil.Error):
+                process = psutil.Process(pid)
+                if _is_agent(process) and process.status() != psutil.STATUS_ZOMBIE:
+                    return process
+        return None
+
+    def _top_process(self, sandbox_id: str, runtime: Mapping[str, object]) -> psutil.Process | None:
+        """The process this backend started (bubblewrap's monitor) if it still runs, by pid and start time."""
+        child = self._children.get(sandbox_id)
         if child is not None and child.poll() is not None:
-            self._children.pop(handle.sandbox_id, None)
-        pid, start_time = handle.runtime.get("pid"), handle.runtime.get("start_time")
-        if pid is None or start_time is None:
+            self._children.pop(sandbox_id, None)
+        top, start_time = runtime.get("pid"), runtime.get("start_time")
+        if not isinstance(top, int) or start_time is None:
             return None
         try:
-            process = psutil.Process(pid)
+            process = psutil.Process(top)
             if process.create_time() != start_time or process.status() == psutil.STATUS_ZOMBIE:
                 return None
             return process
@@ -389,38 +505,50 @@ class ProcessBackend(SandboxBackend):
             return None
 
     def _liveness(self, handle: SandboxHandle) -> Liveness:
-        if self._agent_process(handle) is not None:
+        # Alive while what we started runs (its agent may still be starting), or while its agent does
+        # (its bubblewrap monitor may have been killed under it).
+        runtime = handle.runtime
+        if self._top_process(handle.sandbox_id, runtime) or self._agent_process(handle.sandbox_id, runtime):
             return Liveness.ALIVE
-        sandbox_dir = handle.runtime.get("dir")
+        sandbox_dir = runtime.get("dir")
         if sandbox_dir and (Path(sandbox_dir) / HIBERNATED_MARKER).exists():
             return Liveness.HIBERNATED
         return Liveness.GONE
 
-    def _stop_processes(self, handle: SandboxHandle) -> None:
-        """SIGTERM the agent (it stops its services), SIGKILL whatever is left after the grace period."""
-        top = self._agent_process(handle)
-        tree: list[psutil.Process] = []
-        if top is not None:
+    def _stop_processes(self, sandbox_id: str, runtime: Mapping[str, object], sandbox_dir: Path) -> None:
+        """SIGTERM the agent (it stops its services in order), then SIGKILL whatever is left of the
+        sandbox after the grace period: everything in its cgroup, and anything carrying its marker."""
+        cgroup = self.cgroups.of(sandbox_id) if self.cgroups is not None else None
+        agent = self._agent_process(sandbox_id, {**runtime, "cgroup": cgroup is not None})
+        if agent is not None:
             with contextlib.suppress(psutil.NoSuchProcess):
-                tree = [top, *top.children(recursive=True)]
-        sandbox_dir = handle.runtime.get("dir")
-        stragglers = _marked_processes(sandbox_dir) if sandbox_dir else []
-        everyone = {p.pid: p for p in [*tree, *stragglers]}
-        # SIGTERM only the agent: it stops its services in order. Not bwrap: the namespace init ignores
-        # it, and a terminated outer bwrap only slows the init's exit down (measured: 1 s -> 3.8 s).
-        for process in everyone.values():
-            with contextlib.suppress(psutil.NoSuchProcess):
-                if _is_agent(process):
-                    process.send_signal(signal.SIGTERM)
-        alive = _wait_gone(list(everyone.values()), STOP_GRACE_S)
-        for process in alive:
+                agent.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while time.monotonic() < deadline and self._remaining(cgroup, sandbox_dir):
+            time.sleep(0.02)
+        if cgroup is not None:
+            survivors = cgroup.kill()
+            if survivors:
+                log.error("sandbox.unkillable", sandbox_id=sandbox_id, pids=sorted(survivors))
+            cgroup.remove()
+        stragglers = _marked_processes(str(sandbox_dir))
+        for process in stragglers:
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
-        _wait_gone(alive, STOP_GRACE_S)
-        child = self._children.pop(handle.sandbox_id, None)
+        _wait_gone(stragglers, STOP_GRACE_S)
+        child = self._children.pop(sandbox_id, None)
         if child is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.wait(STOP_GRACE_S)
+
+    def _remaining(self, cgroup: SandboxCgroup | None, sandbox_dir: Path) -> bool:
+        if cgroup is not None:
+            return bool(cgroup.pids())
+        return any(_running(p) for p in _marked_processes(str(sandbox_dir)))
+
+
+def _hostname(sandbox_id: str) -> str:
+    return sandbox_id.replace("_", "-")[:63]
 
 
 def _wait_gone(processes: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:

@@ -9,6 +9,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from browservm.store.models import Credential, utcnow
+from browservm.vault import Sealed
 
 
 async def add(
@@ -51,6 +52,14 @@ async def add(
     return credential
 
 
+async def for_session(db: AsyncSession, session_id: str) -> Credential | None:
+    """The set a session stored, if it got that far (a restarted controller finishes from there)."""
+    query = (
+        select(Credential).where(Credential.session_id == session_id).order_by(Credential.created_at.desc())
+    )
+    return (await db.execute(query)).scalars().first()
+
+
 async def for_user(db: AsyncSession, *, tenant: str, user_id: str) -> Sequence[Credential]:
     query = (
         select(Credential)
@@ -65,8 +74,12 @@ async def get(db: AsyncSession, credential_id: str, *, tenant: str) -> Credentia
     return (await db.execute(query)).scalar_one_or_none()
 
 
-async def mark_delivered(db: AsyncSession, credential_id: str) -> None:
-    await db.execute(update(Credential).where(Credential.id == credential_id).values(delivered_at=utcnow()))
+async def mark_delivered(db: AsyncSession, credential_id: str, sandbox_id: str) -> None:
+    await db.execute(
+        update(Credential)
+        .where(Credential.id == credential_id)
+        .values(delivered_at=utcnow(), delivered_sandbox_id=sandbox_id)
+    )
 
 
 async def revoke(db: AsyncSession, credential_id: str, *, tenant: str) -> bool:
@@ -91,3 +104,8 @@ async def replace_sealed(
         .where(Credential.id == credential_id)
         .values(key_id=key_id, nonce=nonce, ciphertext=ciphertext)
     )
+
+
+def sealed_of(record: Credential) -> Sealed:
+    """The record's ciphertext as the vault opens it."""
+    return Sealed(key_id=record.key_id, nonce=record.nonce, ciphertext=record.ciphertext)

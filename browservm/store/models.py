@@ -127,6 +127,22 @@ class Sandbox(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class NetworkLease(Base):
+    """A guest address on a host's sandbox network, held by one sandbox from attach to destroy.
+
+    ``scope`` is the network's (one per controller state directory), so controllers of several hosts can
+    share a database and each hand out the same subnet."""
+
+    __tablename__ = "network_leases"
+    __table_args__ = (UniqueConstraint("scope", "address"), UniqueConstraint("sandbox_id"))
+
+    id: Mapped[int] = mapped_column(EventId, primary_key=True, autoincrement=True)
+    scope: Mapped[str] = mapped_column(String(40))
+    address: Mapped[str] = mapped_column(String(45))
+    sandbox_id: Mapped[str] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class CliVm(Base):
     """A user's persistent CLI sandbox: one per (tenant, user)."""
 
@@ -159,7 +175,38 @@ class Credential(Base):
     validated_at: Mapped[datetime | None] = mapped_column(default=None)
     expires_at: Mapped[datetime | None] = mapped_column(default=None)
     delivered_at: Mapped[datetime | None] = mapped_column(default=None)
+    delivered_sandbox_id: Mapped[str | None] = mapped_column(String(40), default=None)
+    """The CLI VM this set was written into: a resume of that VM leaves its own (maybe refreshed) copy."""
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class EgressAssignment(Base):
+    """A user's exit: the pool, port and sticky session id their sessions leave through, until rotated.
+
+    Holds no secret: a pool's password stays in the settings' file or environment, and the username is
+    rendered from the pool's template when a session needs it."""
+
+    __tablename__ = "egress_assignments"
+    __table_args__ = (UniqueConstraint("tenant", "user_id"), Index("ix_egress_assignments_pool", "pool"))
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("egr"))
+    tenant: Mapped[str] = mapped_column(String(100))
+    user_id: Mapped[str] = mapped_column(String(200))
+    pool: Mapped[str] = mapped_column(String(40))
+    port: Mapped[int] = mapped_column(Integer)
+    sticky: Mapped[str] = mapped_column(String(40), default="")
+    """The ``{sticky}`` of the pool's username template; empty when it has none."""
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    """How often the user was rotated."""
+    status: Mapped[str] = mapped_column(String(20), default="unchecked")
+    """``unchecked``, ``ok`` (the last check through the proxy worked) or ``bad``."""
+    exit_address: Mapped[str | None] = mapped_column(String(64), default=None)
+    """The address the last good check came out from."""
+    detail: Mapped[str] = mapped_column(Text, default="")
+    """Why the last check failed; empty when it worked."""
+    checked_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    rotated_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Event(Base):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -72,9 +72,18 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         created, ident = raw.split("|", 1)
-        return datetime.fromisoformat(created), ident
+        at = datetime.fromisoformat(created)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadCursor("cursor is not one this API issued; start again without it") from exc
+    if "\x00" in ident:
+        raise BadCursor("cursor is not one this API issued (its id holds a NUL); start again without it")
+    if at.tzinfo is None:
+        # Ours carry their offset; a naive time cannot be compared with the stored ones.
+        raise BadCursor("cursor is not one this API issued (its time has no offset); start again without it")
+    try:
+        return at.astimezone(UTC), ident
+    except OverflowError:  # 0001-01-01T00:00+01:00 is before year 1 in UTC
+        raise BadCursor("cursor is not one this API issued (its time is out of range)") from None
 
 
 async def page(

@@ -9,25 +9,10 @@ from __future__ import annotations
 
 import enum
 
+# The statuses are the API's (the client shares them); which transition is legal is the server's.
+from browservm_client.models import TERMINAL_SESSION as TERMINAL_SESSION
+from browservm_client.models import SessionStatus as SessionStatus
 
-class SessionStatus(enum.StrEnum):
-    PENDING = "pending"
-    STARTING = "starting"
-    AWAITING_USER = "awaiting_user"
-    CAPTURING = "capturing"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    EXPIRED = "expired"
-    CANCELLED = "cancelled"
-
-    @property
-    def terminal(self) -> bool:
-        return self in TERMINAL_SESSION
-
-
-TERMINAL_SESSION = frozenset(
-    {SessionStatus.COMPLETED, SessionStatus.FAILED, SessionStatus.EXPIRED, SessionStatus.CANCELLED}
-)
 _ENDINGS = frozenset({SessionStatus.FAILED, SessionStatus.EXPIRED, SessionStatus.CANCELLED})
 
 SESSION_TRANSITIONS: dict[SessionStatus, frozenset[SessionStatus]] = {

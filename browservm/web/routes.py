@@ -60,14 +60,16 @@ async def viewer_page(
     request: Request,
     token: Annotated[str, Query(description="the session's viewer token")] = "",
 ) -> HTMLResponse:
+    """The viewer. A token in the link is checked before the page is served (a wrong one gets a refusal
+    page and no script); without one, as after a reload, the page looks for the token it kept in the
+    tab's sessionStorage and says so when there is none. The page itself holds no secret."""
     services = request.app.state.services
     headers = _security_headers(services.settings.viewer_frame_ancestors)
-    try:
-        if not token:
-            raise ApiError(401, "unauthorized", "this viewer link has no token; ask for a new link")
-        verify_viewer_token(services.secret, token, session_id)
-    except ApiError as exc:
-        return _page("refused.html", exc.status, headers, message=exc.message)
+    if token:
+        try:
+            verify_viewer_token(services.secret, token, session_id)
+        except ApiError as exc:
+            return _page("refused.html", exc.status, headers, message=exc.message)
     return _page("viewer.html", headers=headers, session_id=session_id)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +12,23 @@ import httpx
 import websockets
 
 from tests.controller.conftest import Controller
+from tests.support.netns import in_netns, netns_of_dir
 
 
-async def cdp_page(profile: Path, url_part: str, timeout_s: float = 30) -> str:
-    """The DevTools websocket URL of the sandbox Chromium's page showing ``url_part``."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    async with httpx.AsyncClient() as client:
-        while asyncio.get_running_loop().time() < deadline:
+@dataclass(frozen=True)
+class RemotePage:
+    """A page of a sandbox's Chromium, reached over its DevTools port inside the sandbox's network."""
+
+    netns: str
+    ws_url: str
+
+
+async def cdp_page(profile: Path, url_part: str, timeout_s: float = 30) -> RemotePage:
+    """The sandbox Chromium's page showing ``url_part``."""
+    netns = netns_of_dir(profile)
+
+    async def find() -> str | None:
+        async with httpx.AsyncClient() as client:
             port_file = profile / "DevToolsActivePort"
             if port_file.exists() and port_file.read_text().strip():
                 port = int(port_file.read_text().split()[0])
@@ -29,19 +39,41 @@ async def cdp_page(profile: Path, url_part: str, timeout_s: float = 30) -> str:
                 for target in targets:
                     if target.get("type") == "page" and url_part in target.get("url", ""):
                         return str(target["webSocketDebuggerUrl"])
-            await asyncio.sleep(0.2)
+        return None
+
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < deadline:
+        found = await in_netns(netns, find)
+        if found is not None:
+            return RemotePage(netns, found)
+        await asyncio.sleep(0.2)
     raise AssertionError(f"no page with {url_part!r} in the sandbox's Chromium")
 
 
-async def evaluate(ws_url: str, expression: str) -> Any:
-    async with websockets.connect(ws_url, max_size=None) as ws:
-        await ws.send(
-            json.dumps({"id": 1, "method": "Runtime.evaluate", "params": {"expression": expression}})
-        )
-        while True:
-            reply = json.loads(await ws.recv())
-            if reply.get("id") == 1:
-                return reply["result"]
+async def evaluate(page: RemotePage, expression: str) -> Any:
+    async def run() -> Any:
+        async with websockets.connect(page.ws_url, max_size=None) as ws:
+            await ws.send(
+                json.dumps({"id": 1, "method": "Runtime.evaluate", "params": {"expression": expression}})
+            )
+            while True:
+                reply = json.loads(await ws.recv())
+                if reply.get("id") == 1:
+                    return reply["result"]
+
+    return await in_netns(page.netns, run)
+
+
+async def fill_in_login(state_dir: Path, sandbox_id: str, email: str) -> None:
+    """Type ``email`` and the demo password into the sign-in page of the sandbox's Chromium, and submit."""
+    profile = state_dir / "sandboxes" / sandbox_id / "run" / "chromium-profile"
+    page = await cdp_page(profile, "/authorize?")
+    await evaluate(
+        page,
+        f"document.querySelector('#email').value={json.dumps(email)};"
+        "document.querySelector('#password').value='demo';"
+        "document.querySelector('button[type=submit]').click(); true",
+    )
 
 
 def browser_dirs(controller: Controller) -> list[Path]:
@@ -53,37 +85,16 @@ async def sign_in(controller: Controller, session_id: str, email: str) -> dict[s
     """Wait for the login page, fill it in the sandbox's Chromium, and return the completed session."""
     waiting = await controller.wait_status(session_id, "awaiting_user", "failed")
     assert waiting["status"] == "awaiting_user", waiting["reason"]
-    profile = controller.settings.state_dir / "sandboxes" / waiting["sandbox_id"] / "run" / "chromium-profile"
-    page = await cdp_page(profile, "/demo/oauth/authorize")
-    await evaluate(
-        page,
-        f"document.querySelector('#email').value={json.dumps(email)};"
-        "document.querySelector('#password').value='demo';"
-        "document.querySelector('button[type=submit]').click(); true",
-    )
+    await fill_in_login(controller.settings.state_dir, waiting["sandbox_id"], email)
     done = await controller.wait_status(session_id, "completed", "failed", timeout_s=60)
     assert done["status"] == "completed", done["reason"]
     return done
 
 
 async def run_in_cli_vm(controller: Controller, user_id: str, argv: list[str]) -> tuple[str, int | None]:
-    output: list[str] = []
-    exit_code = None
-    async with controller.client.stream(
-        "POST", f"/v1/users/{user_id}/cli-vm/exec", json={"argv": argv}
-    ) as stream:
-        assert stream.status_code == 200, await stream.aread()
-        event = ""
-        async for line in stream.aiter_lines():
-            if line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:"):
-                data = json.loads(line[5:])
-                if event == "output":
-                    output.append(data["data"])
-                elif event == "exit":
-                    exit_code = data["exit_code"]
-    return "".join(output), exit_code
+    result = await controller.api.cli_vms.exec(user_id, argv)
+    return "".join(chunk.data for chunk in result.output), result.exit_code
 
 
-WHOAMI = [sys.executable, "-m", "browservm.guest.providers.demo_cli", "whoami"]
+WHOAMI = ["python3", "-m", "browservm.guest.providers.demo_cli", "whoami"]
+"""Run in a CLI VM: the guest image's Python, which has the demo CLI."""

@@ -20,7 +20,10 @@ EXAMPLES = int(os.environ.get("BROWSERVM_FUZZ_EXAMPLES", "100"))
 async def test_no_request_produces_a_server_error(tmp_path: Path, database_url: str) -> None:
     # One sandbox slot and a long queue: fuzzed session creations wait in line instead of being refused,
     # so a 503 would be a real fault, not a full host.
-    settings = controller_settings(tmp_path, database_url, max_sandboxes=1, max_queued_sessions=100_000)
+    # No rate limit: a 429 would answer most of the fuzzer's requests before the routes see them.
+    settings = controller_settings(
+        tmp_path, database_url, max_sandboxes=1, max_queued_sessions=100_000, rate_limit_per_s=0
+    )
     async for controller in run_controller(settings):
         schemathesis = Path(sys.executable).parent / "schemathesis"
         process = await asyncio.create_subprocess_exec(

@@ -16,7 +16,7 @@ import websockets.asyncio.client
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from websockets.exceptions import InvalidStatus
 
-from browservm.controller.api import signaling
+from browservm.controller import viewers
 from tests.controller.viewer_testbed import ViewerBed, viewer_bed
 
 
@@ -220,7 +220,7 @@ async def test_whep_refuses_missing_and_foreign_tokens(bed: ViewerBed) -> None:
 async def test_a_session_takes_a_few_viewers_not_a_crowd(bed: ViewerBed) -> None:
     url = f"{bed.ws_url}/v1/sessions/{bed.session_id}/signal?token={bed.token}"
     async with contextlib.AsyncExitStack() as stack:
-        for _ in range(signaling.MAX_SOCKETS_PER_SESSION):
+        for _ in range(viewers.MAX_SOCKETS_PER_SESSION):
             ws = await stack.enter_async_context(websockets.asyncio.client.connect(url))
             await receive(ws, "hello")
         with pytest.raises(InvalidStatus) as refused:

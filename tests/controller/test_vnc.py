@@ -4,12 +4,14 @@ and only with the session's viewer token."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import websockets.asyncio.client
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from browservm.controller import viewers
 from tests.controller.viewer_testbed import ViewerBed, viewer_bed, vnc_desktop
 
 pytestmark = pytest.mark.browser
@@ -54,3 +56,18 @@ async def test_bridge_closes_when_the_guest_has_no_vnc() -> None:
         with pytest.raises((InvalidStatus, ConnectionClosed)):
             async with websockets.asyncio.client.connect(url, subprotocols=["binary"]) as ws:  # type: ignore[list-item]
                 await asyncio.wait_for(ws.recv(), 5)
+
+
+async def test_a_session_takes_a_few_vnc_viewers_not_a_crowd(bed: ViewerBed) -> None:
+    # Each socket is a stream to the guest's VNC server: a crowd of them is refused, like signaling's.
+    url = f"{bed.ws_url}/v1/sessions/{bed.session_id}/vnc?token={bed.token}"
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(viewers.MAX_SOCKETS_PER_SESSION):
+            ws = await stack.enter_async_context(
+                websockets.asyncio.client.connect(url, subprotocols=["binary"])  # type: ignore[list-item]
+            )
+            assert (await asyncio.wait_for(ws.recv(), 10)).startswith(b"RFB ")  # type: ignore[union-attr]
+        with pytest.raises(InvalidStatus) as refused:
+            await websockets.asyncio.client.connect(url, subprotocols=["binary"])  # type: ignore[list-item]
+        assert refused.value.response.status_code == 429
+        assert b"too_many_viewers" in refused.value.response.body

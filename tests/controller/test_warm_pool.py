@@ -8,36 +8,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
 
 from browservm.controller.services import Services
 from browservm.sandbox.process import ProcessBackend
-from browservm.store.database import Database
-from browservm.store.models import Sandbox
 from tests.controller.conftest import Controller, controller_settings, run_controller
 from tests.controller.demo_login import sign_in
+from tests.support.warm_pool import sandboxes_in, wait_warm
 
 pytestmark = pytest.mark.browser
-
-
-async def sandboxes_in(database_url: str, state: str) -> list[str]:
-    db = Database(database_url)
-    try:
-        async with db.session() as s:
-            rows = await s.execute(
-                select(Sandbox.id).where(Sandbox.state == state, Sandbox.role == "browser")
-            )
-            return list(rows.scalars())
-    finally:
-        await db.close()
-
-
-async def wait_warm(database_url: str, count: int = 1, timeout_s: float = 60) -> list[str]:
-    """The ids of the warm (``ready``) sandboxes, once there are ``count`` of them."""
-    async with asyncio.timeout(timeout_s):
-        while len(ready := await sandboxes_in(database_url, "ready")) != count:
-            await asyncio.sleep(0.1)
-    return ready
 
 
 def metric(controller_metrics: str, line_start: str) -> float:

@@ -28,9 +28,11 @@ from fastapi import FastAPI
 
 from browservm import protocol
 from browservm.controller import errors
-from browservm.controller.api import ice, signaling, vnc
+from browservm.controller.api import ice, signal, vnc, whep
 from browservm.controller.auth import issue_viewer_token
 from browservm.controller.errors import ApiError
+from browservm.controller.server import uvicorn_config
+from browservm.controller.viewers import LocalViewers
 from browservm.sandbox.channel import Channel
 from browservm.settings import Settings
 from browservm.web import routes
@@ -77,25 +79,27 @@ class LoopbackGuest:
     candidates_received: list[dict[str, Any] | None] = field(default_factory=list)
     offers: int = 0
     refuse_candidates: bool = False
-    _writer: asyncio.StreamWriter | None = None
+    _channel: protocol.Peer | None = None
     _streams: dict[int, asyncio.StreamWriter] = field(default_factory=dict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writer = writer
-        self.send(protocol.Hello(agent_version="test", sandbox_id=self.sandbox_id, role="browser"))
+        self._channel = protocol.Peer(
+            reader,
+            writer,
+            name="controller",
+            handlers={protocol.Signal: self.on_signal, protocol.OpenStream: self.open_vnc},
+            on_event=self.on_event,
+            on_stream=self.on_stream,
+        )
+        capabilities = sorted(protocol.REQUIRED_CAPABILITIES["browser"] | {"webrtc"})
+        self.send(
+            protocol.Hello(
+                agent_version="test", sandbox_id=self.sandbox_id, role="browser", capabilities=capabilities
+            )
+        )
         try:
-            while True:
-                frame = await protocol.read_frame(reader)
-                if frame is None:
-                    return
-                if frame[0] == protocol.FRAME_STREAM:
-                    stream_id, data = frame[1]
-                    target = self._streams.get(stream_id)
-                    if target is not None:
-                        target.write(data)
-                    continue
-                self.spawn(self.handle(frame[1]))
+            await self._channel.closed.wait()
         finally:
             await self.close()
 
@@ -105,26 +109,21 @@ class LoopbackGuest:
         task.add_done_callback(self._tasks.discard)
 
     def send(self, message: Any) -> None:
-        assert self._writer is not None
-        self._writer.write(protocol.encode_message(message))
+        assert self._channel is not None
+        self._channel.send(message)
 
-    def reply(
-        self, request_id: int, result: dict[str, Any] | None = None, error: tuple[str, str] | None = None
-    ) -> None:
-        body = protocol.ErrorBody(code=error[0], message=error[1]) if error else None
-        self.send(protocol.Reply(id=request_id, ok=error is None, result=result or {}, error=body))
+    async def on_stream(self, stream_id: int, data: bytes) -> None:
+        target = self._streams.get(stream_id)
+        if target is not None:
+            target.write(data)
 
-    async def handle(self, message: Any) -> None:
-        if isinstance(message, protocol.Signal):
-            await self.on_signal(message)
-        elif isinstance(message, protocol.OpenStream):
-            await self.open_vnc(message)
-        elif isinstance(message, protocol.CloseStream):
+    def on_event(self, message: Any) -> None:
+        if isinstance(message, protocol.CloseStream):
             target = self._streams.pop(message.stream_id, None)
             if target is not None:
                 target.close()
 
-    async def on_signal(self, message: protocol.Signal) -> None:
+    async def on_signal(self, message: protocol.Signal) -> protocol.Answer:
         if message.kind == "offer":
             self.offers += 1
             old = self.peers.pop(message.peer_id, None)
@@ -141,46 +140,43 @@ class LoopbackGuest:
             offer = loopback_only(message.sdp or "")
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
             await pc.setLocalDescription(await pc.createAnswer())
-            self.reply(message.id, {"sdp": pc.localDescription.sdp, "type": "answer"})
-        elif message.kind == "candidate":
+            return protocol.Answer(sdp=pc.localDescription.sdp)
+        if message.kind == "candidate":
             self.candidates_received.append(message.candidate)
             if self.refuse_candidates:
-                self.reply(message.id, error=("bad_candidate", "this guest refuses trickled candidates"))
-                return
+                raise protocol.RequestError("bad_candidate", "this guest refuses trickled candidates")
             pc = self.peers.get(message.peer_id)
             text = str((message.candidate or {}).get("candidate") or "")
             if text and not text.split()[4].startswith("127."):
-                self.reply(message.id)
-                return
+                return protocol.Answer()
             if pc is not None and message.candidate and message.candidate.get("candidate"):
                 line = str(message.candidate["candidate"]).removeprefix("candidate:")
                 candidate = candidate_from_sdp(line)
                 candidate.sdpMid = message.candidate.get("sdpMid")
                 candidate.sdpMLineIndex = message.candidate.get("sdpMLineIndex")
                 await pc.addIceCandidate(candidate)
-            self.reply(message.id)
-        elif message.kind == "close":
+            return protocol.Answer()
+        if message.kind == "close":
             pc = self.peers.pop(message.peer_id, None)
             if pc is not None:
                 await pc.close()
-            self.reply(message.id)
+        return protocol.Answer()
 
-    async def open_vnc(self, message: protocol.OpenStream) -> None:
+    async def open_vnc(self, message: protocol.OpenStream) -> protocol.StreamOpened:
         if self.vnc_port is None:
-            self.reply(message.id, error=("vnc_unavailable", "no VNC server in this guest"))
-            return
+            raise protocol.RequestError("vnc_unavailable", "no VNC server in this guest")
         reader, writer = await asyncio.open_connection("127.0.0.1", self.vnc_port)
         stream_id = len(self._streams) + 1000
         self._streams[stream_id] = writer
-        self.reply(message.id, {"stream_id": stream_id})
 
         async def pump() -> None:
+            assert self._channel is not None
             while data := await reader.read(65536):
-                assert self._writer is not None
-                self._writer.write(protocol.encode_stream(stream_id, data))
+                await self._channel.send_stream(stream_id, data)
             self.send(protocol.CloseStream(stream_id=stream_id))
 
-        self.spawn(pump())
+        self.spawn(pump())  # its first bytes follow the reply
+        return protocol.StreamOpened(stream_id=stream_id)
 
     def kill_peer(self, peer_id: str) -> None:
         """The streamer lost this peer, as when it crashes: tell the controller."""
@@ -200,6 +196,8 @@ class LoopbackGuest:
             writer.close()
         for task in list(self._tasks):
             task.cancel()
+        if self._channel is not None:
+            await self._channel.close()
 
 
 class _Sessions:
@@ -218,6 +216,7 @@ class Runtime:
     settings: Settings
     secret: bytes
     sessions: _Sessions
+    viewers: LocalViewers = field(default_factory=LocalViewers)
 
 
 @dataclass
@@ -240,7 +239,7 @@ class ViewerBed:
 def viewer_app(runtime: Runtime) -> FastAPI:
     app = FastAPI()
     errors.install(app)
-    for router in (signaling.router, vnc.router, ice.router):
+    for router in (signal.router, whep.router, vnc.router, ice.router):
         app.include_router(router)
     routes.mount(app)
     app.state.services = runtime
@@ -262,7 +261,8 @@ async def viewer_bed(
         settings or Settings(state_dir=directory / "state"), SECRET, _Sessions({session_id: channel})
     )
     port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(viewer_app(runtime), host="127.0.0.1", port=port, log_config=None))
+    # The server `browservm serve` runs, with its limits (server.uvicorn_config).
+    uv = uvicorn.Server(uvicorn_config(viewer_app(runtime), runtime.settings, host="127.0.0.1", port=port))
     task = asyncio.create_task(uv.serve())
     while not uv.started:
         if task.done():

@@ -13,13 +13,15 @@ from browservm.demo.oauth import create_app
 
 
 @contextmanager
-def demo_oauth_server(users: dict[str, str] | None = None) -> Iterator[str]:
-    """Serve the demo OAuth server on 127.0.0.1 (a free port); yields its issuer URL."""
+def demo_oauth_server(
+    users: dict[str, str] | None = None, *, host: str = "127.0.0.1", port: int = 0
+) -> Iterator[str]:
+    """Serve the demo OAuth server on ``host`` (a free port unless given); yields its issuer URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind((host, port))
     sock.listen(64)  # listening before uvicorn runs: clients can connect at once
-    issuer = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    issuer = f"http://{host}:{sock.getsockname()[1]}"
     config = uvicorn.Config(create_app(issuer, users=users), log_level="warning", lifespan="off")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

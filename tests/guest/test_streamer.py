@@ -5,29 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
-import os
-import subprocess
-import sys
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
-import aioice.ice
 import pytest
-from aiortc import RTCPeerConnection, RTCSessionDescription
-from pydantic import BaseModel
 from Xlib import X
 from Xlib import display as xdisplay
 
 from browservm import protocol
+from browservm.guest.screen_size import ScreenSizer
+from browservm.guest.vnc import free_loopback_port
 from tests.guest.desktop_testbed import Chromium, Xvfb, write_page
+from tests.guest.streamer_testbed import HEIGHT, WIDTH, Channel, StreamerProcess, ViewerPeer, brightness_at
 
-pytestmark = pytest.mark.browser
-
-WIDTH, HEIGHT = 1280, 720
+pytestmark = [pytest.mark.browser, pytest.mark.usefixtures("loopback_ice")]
 
 
 @pytest.fixture(scope="module")
@@ -45,160 +39,6 @@ async def page(xvfb: Xvfb, tmp_path: Path) -> AsyncIterator[Chromium]:
         yield chromium
     finally:
         await chromium.stop()
-
-
-@pytest.fixture(autouse=True)
-def loopback_ice(monkeypatch: pytest.MonkeyPatch) -> None:
-    # the viewer runs in this process; aioice skips 127.0.0.1 unless told otherwise
-    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
-
-
-class StreamerProcess:
-    def __init__(
-        self,
-        display: str,
-        directory: Path,
-        codec: str = "h264",
-        capture: str = "auto",
-        refresh_s: float = 1.0,
-    ) -> None:
-        self.socket = directory / f"streamer-{codec}-{capture}.sock"
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "browservm.guest.streamer",
-                "--display",
-                display,
-                "--socket",
-                str(self.socket),
-                "--width",
-                str(WIDTH),
-                "--height",
-                str(HEIGHT),
-                "--fps",
-                "30",
-                "--codec",
-                codec,
-                "--min-kbps",
-                "300",
-                "--max-kbps",
-                "4000",
-                "--ice-servers",
-                "[]",
-                "--host-addresses",
-                "127.0.0.1",
-                "--refresh-s",
-                str(refresh_s),
-            ],
-            env={**os.environ, "BROWSERVM_STREAMER_CAPTURE": capture},
-        )
-        deadline = time.monotonic() + 15
-        while not self.socket.exists():  # the socket appears once the streamer accepts connections
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"streamer exited with {self.proc.returncode}")
-            if time.monotonic() > deadline:
-                raise TimeoutError("streamer socket never appeared")
-            time.sleep(0.02)
-
-    def stop(self) -> int:
-        self.proc.terminate()
-        try:
-            return self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-
-class Channel:
-    """The agent's end of the streamer socket: requests with ids, replies matched, events queued."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-        self.events: asyncio.Queue[BaseModel] = asyncio.Queue()
-        self._ids = itertools.count(1)
-        self._waiting: dict[int, asyncio.Future[protocol.Reply]] = {}
-        self._task = asyncio.create_task(self._read())
-
-    @classmethod
-    async def open(cls, socket: Path) -> Channel:
-        reader, writer = await asyncio.open_unix_connection(str(socket))
-        return cls(reader, writer)
-
-    async def _read(self) -> None:
-        while (frame := await protocol.read_frame(self.reader)) is not None:
-            _, message = frame
-            if isinstance(message, protocol.Reply):
-                self._waiting.pop(message.id).set_result(message)
-            else:
-                await self.events.put(message)  # type: ignore[arg-type]
-
-    async def request(self, build: Any, **fields: Any) -> protocol.Reply:
-        ident = next(self._ids)
-        future: asyncio.Future[protocol.Reply] = asyncio.get_running_loop().create_future()
-        self._waiting[ident] = future
-        self.writer.write(protocol.encode_message(build(id=ident, **fields)))
-        return await asyncio.wait_for(future, 15)
-
-    async def event(self, predicate: Any, timeout: float = 10) -> BaseModel:
-        async def wait() -> BaseModel:
-            while True:
-                message = await self.events.get()
-                if predicate(message):
-                    return message
-
-        return await asyncio.wait_for(wait(), timeout)
-
-    async def wait_ready(self) -> None:
-        await self.event(lambda m: isinstance(m, protocol.ServiceState) and m.state == "ready", 20)
-
-    async def close(self) -> None:
-        self._task.cancel()
-        self.writer.close()
-
-
-class ViewerPeer:
-    """What the viewer page does: offer recvonly video plus an ``input`` data channel."""
-
-    def __init__(self) -> None:
-        self.pc = RTCPeerConnection()
-        self.pc.addTransceiver("video", direction="recvonly")
-        self.input = self.pc.createDataChannel("input")
-        self.messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.opened = asyncio.Event()
-        self.track: Any = None
-        self.got_track = asyncio.Event()
-        self.input.on("open", self.opened.set)
-        self.input.on("message", lambda raw: self.messages.put_nowait(json.loads(raw)))
-
-        @self.pc.on("track")
-        def on_track(track: Any) -> None:
-            self.track = track
-            self.got_track.set()
-
-    async def connect(self, channel: Channel, peer_id: str = "viewer-1") -> float:
-        """Signal through the channel; returns seconds from sending the offer to the first decoded frame."""
-        await self.pc.setLocalDescription(await self.pc.createOffer())
-        started = time.monotonic()
-        reply = await channel.request(
-            protocol.Signal, peer_id=peer_id, kind="offer", sdp=self.pc.localDescription.sdp
-        )
-        assert reply.ok, reply.error
-        assert reply.result["type"] == "answer"
-        await self.pc.setRemoteDescription(RTCSessionDescription(**reply.result))
-        await asyncio.wait_for(self.got_track.wait(), 20)
-        await self.frame()
-        return time.monotonic() - started
-
-    async def frame(self) -> Any:
-        return await asyncio.wait_for(self.track.recv(), 20)
-
-    async def send(self, message: dict[str, Any]) -> None:
-        await asyncio.wait_for(self.opened.wait(), 10)
-        self.input.send(json.dumps(message))
-
-    async def close(self) -> None:
-        await self.pc.close()
 
 
 @pytest.fixture(scope="module")
@@ -220,15 +60,6 @@ async def viewer() -> AsyncIterator[ViewerPeer]:
     peer = ViewerPeer()
     yield peer
     await peer.close()
-
-
-def brightness_at(frame: Any, x: int, y: int) -> int:
-    """Mean luma of a 10x10 block around x,y (no numpy in the venv: read the Y plane directly)."""
-    gray = frame.reformat(format="gray")
-    plane = gray.planes[0]
-    data, stride = bytes(plane), plane.line_size
-    values = [data[row * stride + col] for row in range(y - 5, y + 5) for col in range(x - 5, x + 5)]
-    return sum(values) // len(values)
 
 
 async def test_h264_stream_reaches_a_viewer_and_its_clicks_reach_the_page(
@@ -260,13 +91,13 @@ async def test_h264_stream_reaches_a_viewer_and_its_clicks_reach_the_page(
     while brightness_at(await viewer.frame(), swatch["x"], swatch["y"]) < 200:
         assert time.monotonic() < deadline, "the click never showed in the video"
 
-    status = await channel.request(protocol.Status)
-    assert status.result["capture"] == "pixelflux"
-    assert status.result["viewers"] == 1
+    status = await channel.request(protocol.StreamStatus())
+    assert status.capture == "pixelflux"
+    assert status.viewers == 1
 
-    assert (await channel.request(protocol.Signal, peer_id="viewer-1", kind="close")).ok
+    await channel.request(protocol.Signal(peer_id="viewer-1", kind="close"))
     await channel.event(lambda m: isinstance(m, protocol.SignalEvent) and m.kind == "closed")
-    assert (await channel.request(protocol.Status)).result["viewers"] == 0
+    assert (await channel.request(protocol.StreamStatus())).viewers == 0
 
 
 async def test_clipboard_round_trip_over_the_data_channel(
@@ -318,16 +149,16 @@ async def test_second_offer_for_a_peer_replaces_it(channel: Channel) -> None:
             await asyncio.sleep(0.05)
         frame = await second.frame()
         assert (frame.width, frame.height) == (WIDTH, HEIGHT)
-        assert (await channel.request(protocol.Status)).result["viewers"] == 1
-        bad = await channel.request(
-            protocol.Signal,
-            peer_id="nobody",
-            kind="candidate",
-            candidate={"candidate": "candidate:1 1 udp 1 127.0.0.1 9 typ host"},
-        )
-        assert not bad.ok
-        assert bad.error is not None
-        assert bad.error.code == "unknown_peer"
+        assert (await channel.request(protocol.StreamStatus())).viewers == 1
+        with pytest.raises(protocol.RequestError) as bad:
+            await channel.request(
+                protocol.Signal(
+                    peer_id="nobody",
+                    kind="candidate",
+                    candidate={"candidate": "candidate:1 1 udp 1 127.0.0.1 9 typ host"},
+                )
+            )
+        assert bad.value.code == "unknown_peer"
         # a trickled candidate (here one of the viewer's own, already in its offer) is applied
         line = next(
             line[2:]
@@ -335,17 +166,51 @@ async def test_second_offer_for_a_peer_replaces_it(channel: Channel) -> None:
             if line.startswith("a=candidate:")
         )
         trickled = await channel.request(
-            protocol.Signal,
-            peer_id="same",
-            kind="candidate",
-            candidate={"candidate": line, "sdpMid": "0", "sdpMLineIndex": 0},
+            protocol.Signal(
+                peer_id="same",
+                kind="candidate",
+                candidate={"candidate": line, "sdpMid": "0", "sdpMLineIndex": 0},
+            )
         )
-        assert trickled.ok, trickled.error
-        end = await channel.request(protocol.Signal, peer_id="same", kind="candidate", candidate=None)
-        assert end.ok  # end-of-candidates is accepted
+        assert trickled.sdp is None  # applied: a candidate's answer carries nothing
+        # end-of-candidates is accepted (a refusal would raise)
+        await channel.request(protocol.Signal(peer_id="same", kind="candidate", candidate=None))
     finally:
         await first.close()
         await second.close()
+
+
+def _udp_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+async def test_a_media_mapping_is_advertised_to_one_viewer_at_a_time(channel: Channel) -> None:
+    """The sandbox's mapped port (here on loopback, with no NAT in between) is the first viewer's; a
+    second viewer meanwhile goes without it (TURN, in production), and it is free again afterwards."""
+    port = free_loopback_port()
+    media = protocol.MediaMapping(
+        public_ip="127.0.0.1", public_port=port, guest_address="127.0.0.1", guest_port=port
+    )
+    mapped = f"127.0.0.1 {port} typ host"
+    first, second, third = ViewerPeer(), ViewerPeer(), ViewerPeer()
+    try:
+        await first.connect(channel, "first", media=media)
+        assert mapped in first.answer
+        assert not _udp_free(port), "the streamer holds no socket on the mapped port"
+        await second.connect(channel, "second", media=media)
+        assert mapped not in second.answer, "two viewers were given one mapped port"
+        await first.close()
+        await channel.request(protocol.Signal(peer_id="first", kind="close"))
+        await third.connect(channel, "third", media=media)
+        assert mapped in third.answer, "the mapped port was not freed with its viewer"
+    finally:
+        for peer in (first, second, third):
+            await peer.close()
 
 
 @pytest.mark.parametrize(("codec", "capture"), [("vp8", "auto"), ("h264", "x11grab")])
@@ -360,10 +225,47 @@ async def test_other_codec_and_fallback_capture_stream(
         await peer.connect(chan)
         frame = await peer.frame()
         assert (frame.width, frame.height) == (WIDTH, HEIGHT)
-        status = (await chan.request(protocol.Status)).result
-        assert status["codec"] == codec
-        assert status["capture"] == ("pixelflux" if capture == "auto" else "x11grab")
+        status = await chan.request(protocol.StreamStatus())
+        assert status.codec == codec
+        assert status.capture == ("pixelflux" if capture == "auto" else "x11grab")
     finally:
         await peer.close()
         await chan.close()
         assert streamer.stop() == 0
+
+
+async def test_the_screen_follows_a_viewers_size_and_the_stream_with_it(tmp_path: Path) -> None:
+    """A viewer's area settles at a phone's size: the screen (RandR) and the capture follow, and the
+    viewer decodes frames of that size; a size past the bounds is clamped."""
+    display = Xvfb(1920, 1080)  # created at the largest size, as the agent's Xvfb is
+    streamer = None
+    viewer = ViewerPeer()
+    channel = None
+    try:
+        sizer = ScreenSizer(display.display)
+        sizer.resize(WIDTH, HEIGHT)
+        sizer.close()
+        streamer = StreamerProcess(display.display, tmp_path, max_size=(1920, 1080))
+        channel = await Channel.open(streamer.socket)
+        await channel.wait_ready()
+        await viewer.connect(channel)
+        assert ((await viewer.frame()).width, (await viewer.frame()).height) == (WIDTH, HEIGHT)
+
+        for asked, expected in [((390, 641), (390, 640)), ((4000, 3000), (1920, 1080))]:
+            await viewer.send({"t": "resize", "width": asked[0], "height": asked[1]})
+            async with asyncio.timeout(15):
+                while True:
+                    status = await channel.request(protocol.StreamStatus())
+                    if (status.width, status.height) == expected:
+                        break
+                    await asyncio.sleep(0.05)
+            async with asyncio.timeout(15):  # the viewer decodes the new size from the next keyframe
+                while ((frame := await viewer.frame()).width, frame.height) != expected:
+                    pass
+    finally:
+        await viewer.close()
+        if channel is not None:
+            await channel.close()
+        if streamer is not None:
+            assert streamer.stop() == 0
+        display.stop()

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from browservm import protocol
-from browservm.guest.streamer import (
-    Streamer,
-    StreamerOptions,
+from browservm.guest.capture import CaptureConfig
+from browservm.guest.streamer.loopback import (
     drop_non_loopback_candidates,
     is_loopback_candidate,
     is_loopback_only,
-    parse_args,
 )
+from browservm.guest.streamer.options import StreamerOptions, parse_args
+from browservm.guest.streamer.server import Streamer
 
 OFFER = "\r\n".join(
     [
@@ -35,14 +35,10 @@ OFFER = "\r\n".join(
 
 def options(host_addresses: list[str], ice_servers: list[protocol.IceServer]) -> StreamerOptions:
     return StreamerOptions(
-        display=":1",
         socket=Path("/nonexistent/streamer.sock"),
-        width=1280,
-        height=720,
-        fps=30,
-        codec="h264",
-        min_kbps=300,
-        max_kbps=4000,
+        capture=CaptureConfig(
+            ":1", width=1280, height=720, fps=30, codec="h264", min_kbps=300, max_kbps=4000
+        ),
         ice_servers=ice_servers,
         host_addresses=host_addresses,
     )

@@ -6,8 +6,9 @@
 
 Everything it starts lives in that namespace: a real controller (uvicorn in this process, the process
 sandbox backend, SQLite), the sandbox's agent, Xvfb, Chromium and the real streamer, and the user's
-headless Chromium (Playwright). The streamer gathers on 127.0.0.1 only (``ice_host_addresses``), so no
-packet can go anywhere but loopback.
+headless Chromium (Playwright), and a coturn. The sandbox has a network namespace of its own, as every
+sandbox does, from which it may reach only that coturn (at its gateway): the media is relayed, and no
+packet leaves the test's namespace.
 
 One ``demo`` session carries every step, in the order a user would meet them:
 
@@ -30,6 +31,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import secrets
 import shutil
 import signal
 import time
@@ -44,8 +46,9 @@ import psutil
 from playwright.async_api import BrowserContext, FloatRect, Page
 
 from browservm.settings import Settings
-from tests.controller.conftest import Controller, free_port, run_controller
-from tests.controller.demo_login import cdp_page, evaluate
+from tests.controller.conftest import Controller, free_port, free_subnet, run_controller
+from tests.controller.demo_login import RemotePage, cdp_page, evaluate
+from tests.support.netns import in_netns, netns_of_dir
 from tests.web.conftest import viewer_browser
 
 EMAIL = "netns-e2e@example.test"
@@ -169,7 +172,15 @@ def near(colour: list[int], expected: tuple[int, int, int], tolerance: int = 10)
     return all(abs(a - b) <= tolerance for a, b in zip(colour, expected, strict=True))
 
 
-async def wait_form_on_video(page: Page, remote_page: str, timeout_s: float) -> dict[str, Any]:
+def screen_follows(status: dict[str, Any]) -> bool:
+    wanted = status.get("requestedSize")
+    return bool(wanted) and (status.get("remoteWidth"), status.get("remoteHeight")) == (
+        wanted["width"],
+        wanted["height"],
+    )
+
+
+async def wait_form_on_video(page: Page, remote_page: RemotePage, timeout_s: float) -> dict[str, Any]:
     """Wait until the video shows the sign-in card (white, in its left padding) on the grey page."""
     form = await remote_rect(remote_page, "form")
     card = [round(form["left"] + 16), round(form["y"])]
@@ -221,13 +232,13 @@ def viewer_point(box: FloatRect, remote: tuple[int, int], point: dict[str, float
     return left + point["x"] * scale, top + point["y"] * scale
 
 
-async def remote_rect(remote_page: str, selector: str) -> dict[str, float]:
+async def remote_rect(remote_page: RemotePage, selector: str) -> dict[str, float]:
     reply = await evaluate(remote_page, f"JSON.stringify(({REMOTE_RECT})({json.dumps(selector)}))")
     rect: dict[str, float] = json.loads(reply["result"]["value"])
     return rect
 
 
-async def click_remote(page: Page, remote_page: str, selector: str) -> None:
+async def click_remote(page: Page, remote_page: RemotePage, selector: str) -> None:
     """Click, in the viewer, where ``selector`` shows on the remote screen."""
     point = await remote_rect(remote_page, selector)
     video = page.locator(".bvm-viewer video")
@@ -238,11 +249,11 @@ async def click_remote(page: Page, remote_page: str, selector: str) -> None:
     await page.mouse.click(x, y)
 
 
-async def remote_value(remote_page: str, expression: str) -> Any:
+async def remote_value(remote_page: RemotePage, expression: str) -> Any:
     return (await evaluate(remote_page, expression))["result"].get("value")
 
 
-async def wait_remote(remote_page: str, expression: str, expected: Any, timeout_s: float) -> float:
+async def wait_remote(remote_page: RemotePage, expression: str, expected: Any, timeout_s: float) -> float:
     """Wait until ``expression`` in the sandbox's page equals ``expected``; return how long it took (ms)."""
     started = time.monotonic()
     value = None
@@ -261,7 +272,7 @@ async def wait_remote(remote_page: str, expression: str, expected: Any, timeout_
 async def wait_warm(controller: Controller, timeout_s: float = 60) -> None:
     """Until the warm pool has a sandbox ready (its gauge in /metrics)."""
     async with asyncio.timeout(timeout_s):
-        while "browservm_warm_pool_idle 1.0" not in (await controller.client.get("/metrics")).text:
+        while "browservm_warm_pool_idle 1.0" not in await controller.api.metrics():
             await asyncio.sleep(0.1)
 
 
@@ -282,17 +293,22 @@ def streamer_process(directory: Path) -> psutil.Process | None:
 async def shown_page(profile: Path) -> dict[str, Any]:
     """The URL and ``document.readyState`` of the sandbox Chromium's page, right now."""
     port = int((profile / "DevToolsActivePort").read_text().split()[0])
-    async with httpx.AsyncClient() as client:
-        targets = (await client.get(f"http://127.0.0.1:{port}/json/list")).json()
-    (target,) = [t for t in targets if t.get("type") == "page"]
-    reply = await evaluate(target["webSocketDebuggerUrl"], "document.readyState")
+    netns = netns_of_dir(profile)
+
+    async def targets() -> list[dict[str, Any]]:
+        async with httpx.AsyncClient() as client:
+            found: list[dict[str, Any]] = (await client.get(f"http://127.0.0.1:{port}/json/list")).json()
+            return found
+
+    (target,) = [t for t in await in_netns(netns, targets) if t.get("type") == "page"]
+    reply = await evaluate(RemotePage(netns, target["webSocketDebuggerUrl"]), "document.readyState")
     return {"url": target["url"], "ready_state": reply["result"].get("value")}
 
 
 def service_logs(sandbox: Path) -> dict[str, str]:
     tails: dict[str, str] = {}
     with contextlib.suppress(Exception):
-        for log_file in sorted(sandbox.glob("run/*.log")):
+        for log_file in sorted([*sandbox.glob("run/*.log"), *sandbox.glob("run/logs/*.log")]):
             tails[log_file.name] = log_file.read_text(errors="replace")[-3000:]
     return tails
 
@@ -302,6 +318,7 @@ def service_logs(sandbox: Path) -> dict[str, str]:
 
 async def run(state_dir: Path, results: Results) -> None:
     # Built here, not with controller_settings: that one makes a state directory of its own.
+    turn_port = free_port()
     settings = Settings(
         state_dir=state_dir,
         database_url=f"sqlite+aiosqlite:///{state_dir / 'browservm.db'}",
@@ -314,8 +331,13 @@ async def run(state_dir: Path, results: Results) -> None:
         reconcile_interval_s=1,
         log_json=False,
         log_level="warning",
-        # The streamer gathers on 127.0.0.1 only and ignores candidates elsewhere.
-        ice_host_addresses=["127.0.0.1"],
+        sandbox_subnet=free_subnet(),
+        demo_oauth_port=free_port(),
+        guest_dns=[],
+        # A guest reaches nothing but its host's coturn (at its gateway): media is relayed through it.
+        run_coturn=True,
+        turn_secret=secrets.token_urlsafe(16),
+        turn_urls=[f"turn:127.0.0.1:{turn_port}?transport=udp", f"turn:127.0.0.1:{turn_port}?transport=tcp"],
     )
     async with contextlib.asynccontextmanager(run_controller)(settings) as controller:
         # Inside the state directory, which the outer test removes even if this process is killed.
@@ -353,7 +375,7 @@ class Scenario:
     session_id: str = ""
     viewer_url: str = ""
     sandbox: Path = Path()
-    remote_page: str = ""
+    remote_page: RemotePage = ""
     """The DevTools WebSocket of the sandbox Chromium's sign-in page (to check what input did)."""
 
     @property
@@ -373,12 +395,10 @@ async def steps(scenario: Scenario) -> None:
 
 async def start_session(scenario: Scenario) -> dict[str, Any]:
     await wait_warm(scenario.controller)
-    created = (
-        await scenario.controller.client.post(
-            "/v1/sessions", json={"user_id": "netns-e2e", "provider": "demo"}
-        )
-    ).json()
-    scenario.session_id, scenario.viewer_url = created["id"], created["viewer_url"]
+    created = await scenario.controller.api.sessions.create(user_id="netns-e2e", provider="demo")
+    # Relay only, as for any viewer off this host: here the viewer shares the host's namespace and could
+    # reach the guest's own address, which no remote viewer can.
+    scenario.session_id, scenario.viewer_url = created.id, created.viewer_url + "&ice_policy=relay"
     started = time.monotonic()
     waiting = await scenario.controller.wait_status(
         scenario.session_id, "awaiting_user", "failed", timeout_s=60
@@ -390,7 +410,7 @@ async def start_session(scenario: Scenario) -> dict[str, Any]:
     # awaiting_user means the user can sign in now: the page must be loaded, not merely requested.
     at_awaiting_user = await shown_page(profile)
     scenario.remote_page = await cdp_page(profile, "/demo/oauth/authorize")
-    metrics = (await scenario.controller.client.get("/metrics")).text
+    metrics = await scenario.controller.api.metrics()
     return {
         "create_to_awaiting_user_ms": round(awaiting_ms),
         "page_at_awaiting_user": at_awaiting_user,
@@ -399,9 +419,12 @@ async def start_session(scenario: Scenario) -> dict[str, Any]:
 
 
 async def video_step(scenario: Scenario, session: dict[str, Any]) -> None:
-    """WebRTC video of the sign-in page, on a direct path."""
+    """WebRTC video of the sign-in page, relayed by the host's coturn (the only path a guest may use)."""
     page, timing = await open_viewer(scenario.context, scenario.viewer_url, scenario.pages)
     shown = time.monotonic()
+    # The remote screen follows the viewer's area: the video comes at the size the viewer asked for.
+    followed = await wait_for(page, "the remote screen at the viewer's size", screen_follows, 20)
+    followed_ms = (time.monotonic() - shown) * 1000
     pixels = await wait_form_on_video(page, scenario.remote_page, 10)
     form_after_first_frame_ms = (time.monotonic() - shown) * 1000
     status = await wait_for(page, "stats", lambda s: s.get("stats", {}).get("path"), 5)
@@ -412,6 +435,8 @@ async def video_step(scenario: Scenario, session: dict[str, Any]) -> None:
             "state": status["state"],
             "fallback_reason": status["fallbackReason"],
             "remote_size": [status["remoteWidth"], status["remoteHeight"]],
+            "requested_size": [followed["requestedSize"]["width"], followed["requestedSize"]["height"]],
+            "screen_followed_ms": round(followed_ms),
             "stats": status["stats"],
             "overlay": await page.locator(".bvm-stats").text_content(),
             "selected_pair": await page.evaluate(SELECTED_PAIR),

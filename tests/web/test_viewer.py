@@ -5,22 +5,20 @@ through the VNC bridge, recovery after the streamer drops the peer, and refusal 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import http.server
 import json
-import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import aioice.ice
 import pytest
-from playwright.async_api import BrowserContext, Page
+from playwright.async_api import BrowserContext, Page, expect
 
 from browservm.controller.turn import Coturn
 from browservm.settings import Settings
 from tests.controller.viewer_testbed import ViewerBed, VncDesktop, viewer_bed, vnc_desktop
+from tests.web.conftest import embedder_site
 
 pytestmark = pytest.mark.browser
 
@@ -194,31 +192,6 @@ async def test_viewer_page_refuses_a_token_of_another_session(
     assert not bed.guest.peers
 
 
-@contextlib.contextmanager
-def embedder_site(html: str) -> Iterator[str]:
-    class Page(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = html.encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://localhost:{server.server_address[1]}/embedder.html"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
-
-
 async def test_viewer_embeds_as_a_web_component_in_another_origin(
     browser_context: BrowserContext, bed: ViewerBed
 ) -> None:
@@ -286,3 +259,85 @@ async def test_an_ice_restart_brings_the_video_back_at_once(
 
 def parse_log_time(line: str) -> datetime:
     return datetime.fromisoformat(line.split(" ", 1)[0].replace("Z", "+00:00"))
+
+
+async def test_full_screen_control_enters_and_leaves_full_screen(
+    browser_context: BrowserContext, bed: ViewerBed
+) -> None:
+    page = await open_viewer(browser_context, bed)
+    await wait_streaming(page, "webrtc")
+    button = page.locator(".bvm-fullscreen")
+    assert await button.is_visible()
+    assert await page.locator(".bvm-keyboard").is_hidden()  # a mouse and keyboard: no on-screen keys
+    await button.click()
+    async with asyncio.timeout(5):
+        while await page.evaluate("() => document.fullscreenElement?.className") != "bvm-viewer":
+            await asyncio.sleep(0.05)
+    await expect(button).to_have_text("Exit full screen")  # set by the fullscreenchange event
+    await button.click()
+    async with asyncio.timeout(5):
+        while await page.evaluate("() => document.fullscreenElement !== null"):
+            await asyncio.sleep(0.05)
+    await expect(button).to_have_text("Full screen")
+
+
+async def test_a_touch_device_gets_an_on_screen_keyboard_that_types_remotely(
+    phone_context: BrowserContext, bed: ViewerBed
+) -> None:
+    page = await open_viewer(phone_context, bed)
+    await wait_streaming(page, "webrtc")
+    # A tap on the remote screen is a click there.
+    box = await page.locator("video").bounding_box()
+    assert box is not None
+    await page.touchscreen.tap(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    await guest_inputs(bed, lambda ms: any(m["t"] == "up" for m in ms))
+
+    keyboard = page.locator(".bvm-keyboard")
+    assert await keyboard.is_visible()
+    await keyboard.tap()
+    # The focused text field is what makes a phone open its keyboard.
+    assert await page.evaluate("() => document.activeElement.className") == "bvm-keys"
+    await page.keyboard.insert_text("hé!")
+    await page.keyboard.press("Backspace")
+    await page.keyboard.press("Enter")
+    messages = await guest_inputs(
+        bed, lambda ms: any(m["t"] == "key" and m["key"] == "Enter" and not m["down"] for m in ms)
+    )
+    typed = [m for m in messages if m["t"] in ("text", "key")]
+    assert typed == [
+        {"t": "text", "text": "hé!"},
+        {"t": "key", "key": "Backspace", "code": "Backspace", "down": True},
+        {"t": "key", "key": "Backspace", "code": "Backspace", "down": False},
+        {"t": "key", "key": "Enter", "code": "Enter", "down": True},
+        {"t": "key", "key": "Enter", "code": "Enter", "down": False},
+    ]
+    # Nothing piles up in the stand-in field.
+    assert await page.locator(".bvm-keys").input_value() == ""
+
+
+async def test_the_viewer_asks_the_remote_screen_to_follow_its_size(
+    browser_context: BrowserContext, bed: ViewerBed
+) -> None:
+    page = await open_viewer(browser_context, bed)
+    await wait_streaming(page, "webrtc")
+
+    async def screen_size() -> dict[str, int]:
+        size: dict[str, int] = await page.evaluate(
+            "() => { const s = document.querySelector('.bvm-screen');"
+            " return {width: s.clientWidth, height: s.clientHeight}; }"
+        )
+        return {key: value - value % 2 for key, value in size.items()}
+
+    def resizes(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [m for m in messages if m["t"] == "resize"]
+
+    first = await screen_size()
+    messages = await guest_inputs(bed, lambda ms: resizes(ms))
+    assert resizes(messages) == [{"t": "resize", **first}]
+
+    # A smaller window (a phone held upright): one new request once the resizing settles.
+    await page.set_viewport_size({"width": 390, "height": 640})
+    second = await screen_size()
+    assert second != first
+    messages = await guest_inputs(bed, lambda ms: len(resizes(ms)) >= 2)
+    assert resizes(messages)[-1] == {"t": "resize", **second}

@@ -42,13 +42,11 @@ async def viewer_status(page: Page) -> dict[str, Any]:
 async def test_user_signs_in_through_the_vnc_viewer(
     browser_context: BrowserContext, controller: Controller
 ) -> None:
-    created = (
-        await controller.client.post("/v1/sessions", json={"user_id": "viewer-e2e", "provider": "demo"})
-    ).json()
-    await controller.wait_status(created["id"], "awaiting_user", timeout_s=90)
+    created = await controller.api.sessions.create(user_id="viewer-e2e", provider="demo")
+    await controller.wait_status(created.id, "awaiting_user", timeout_s=90)
 
     page = await browser_context.new_page()
-    await page.goto(created["viewer_url"] + "&mode=vnc")
+    await page.goto(created.viewer_url + "&mode=vnc")
     async with asyncio.timeout(20):
         while (await viewer_status(page)).get("state") != "streaming":
             await asyncio.sleep(0.1)
@@ -72,7 +70,7 @@ async def test_user_signs_in_through_the_vnc_viewer(
     await page.keyboard.press("Enter")
 
     try:
-        done = await controller.wait_status(created["id"], "completed", "failed", timeout_s=30)
+        done = await controller.wait_status(created.id, "completed", "failed", timeout_s=30)
     except AssertionError:
         await page.screenshot(path="/tmp/bvm-e2e-failure.png")
         raise

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from browservm.controller.deps import ServicesDep
+from browservm_client.models import Readiness
 
 router = APIRouter(tags=["operations"])
 
@@ -19,7 +20,9 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "Not ready"}})
+@router.get(
+    "/readyz", response_model=Readiness, responses={503: {"model": Readiness, "description": "Not ready"}}
+)
 async def readyz(services: ServicesDep) -> JSONResponse:
     """The database answers and the sandbox backend can run sandboxes."""
     checks: dict[str, Any] = {}
@@ -38,9 +41,8 @@ async def readyz(services: ServicesDep) -> JSONResponse:
         "in_use": services.capacity.in_use,
         "queued": services.capacity.queued,
     }
-    return JSONResponse(
-        {"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503
-    )
+    body = Readiness(status="ready" if ready else "not_ready", checks=checks)
+    return JSONResponse(body.model_dump(), 200 if ready else 503)
 
 
 @router.get("/metrics", response_class=Response)

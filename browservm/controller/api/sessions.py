@@ -2,82 +2,53 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from datetime import datetime
-from typing import Annotated, Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, Header, Query
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from browservm.controller.auth import issue_viewer_token
 from browservm.controller.deps import PrincipalDep, ServicesDep
 from browservm.controller.errors import ApiError, not_found
+from browservm.controller.quotas import EventStream
 from browservm.controller.services import Services
 from browservm.store import events as event_store
 from browservm.store import sessions as session_store
 from browservm.store.models import Session
 from browservm.store.states import SessionStatus
+from browservm_client.models import SessionCreate, SessionOut, SessionPage, ViewerLink
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 
-Provider = Literal["claude_code", "codex", "gemini_cli", "demo"]
-USER_ID = Field(
-    min_length=1,
-    max_length=200,
-    pattern=r"^[A-Za-z0-9._:@+-]+$",
-    description="The operator's id for the end user (letters, digits and ._:@+-)",
-)
 
-
-class SessionCreate(BaseModel):
-    user_id: str = USER_ID
-    provider: Provider
-    options: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=2048)]] = Field(
-        default_factory=dict, max_length=16, description="Provider options, e.g. a demo issuer"
+def viewer_link(services: Services, session: Session) -> ViewerLink:
+    """A fresh viewer token for the session: it lives ``viewer_token_ttl_s``, and never past the session."""
+    expires = min(session.expires_at.timestamp(), time.time() + services.settings.viewer_token_ttl_s)
+    token = issue_viewer_token(services.secret, session.id, expires)
+    return ViewerLink(
+        viewer_url=f"{services.settings.effective_public_url}/view/{session.id}?token={token}",
+        token=token,
+        expires_at=datetime.fromtimestamp(int(expires), UTC),
     )
-
-
-class SessionOut(BaseModel):
-    id: str
-    user_id: str
-    provider: str
-    status: SessionStatus
-    reason: str
-    viewer_url: str
-    login_url: str | None
-    account: dict[str, Any]
-    sandbox_id: str | None = Field(
-        description="The browser sandbox serving the session (in logs and events), once it has one"
-    )
-    created_at: datetime
-    updated_at: datetime
-    expires_at: datetime
-    ended_at: datetime | None
-
-
-class SessionPage(BaseModel):
-    data: list[SessionOut]
-    next_cursor: str | None = Field(description="Pass as ?cursor= for the next page; null at the end")
 
 
 def session_out(services: Services, session: Session) -> SessionOut:
-    expires = min(session.expires_at.timestamp(), time.time() + services.settings.viewer_token_ttl_s)
-    token = issue_viewer_token(services.secret, session.id, expires)
-    viewer_url = f"{services.settings.effective_public_url}/view/{session.id}?token={token}"
+    status = SessionStatus(session.status)
     return SessionOut(
         id=session.id,
         user_id=session.user_id,
         provider=session.provider,
-        status=SessionStatus(session.status),
+        status=status,
         reason=session.reason,
-        viewer_url=viewer_url,
+        viewer_url=viewer_link(services, session).viewer_url,
         login_url=session.login_url,
         account=session.account or {},
         sandbox_id=session.sandbox_id,
+        queue_position=services.capacity.position(session.id) if status is SessionStatus.PENDING else None,
         created_at=session.created_at,
         updated_at=session.updated_at,
         expires_at=session.expires_at,
@@ -141,6 +112,39 @@ async def cancel_session(session_id: str, principal: PrincipalDep, services: Ser
     return session_out(services, session)
 
 
+@router.post("/{session_id}/viewer-token", response_model=ViewerLink)
+async def new_viewer_token(session_id: str, principal: PrincipalDep, services: ServicesDep) -> ViewerLink:
+    """A fresh viewer link for a live session, e.g. when the user's link expired or was lost. Earlier
+    links keep working until their own expiry. A session that ended answers 409 ``session_ended``."""
+    session = await _owned(services, session_id, principal.tenant)
+    if SessionStatus(session.status).terminal:
+        raise ApiError(
+            409, "session_ended", f"session {session_id} already ended ({session.status}); start a new one"
+        )
+    return viewer_link(services, session)
+
+
+EVENT_BATCH = 500
+MAX_EVENT_ID = 2**63 - 1
+"""Event ids are 64-bit integers in both databases."""
+
+
+def resume_after(last_event_id: str | None) -> int:
+    """The event id a stream resumes after: ``Last-Event-ID`` as the stream sent it, or 0."""
+    if last_event_id is None or not last_event_id.strip():
+        return 0
+    value = last_event_id.strip()
+    # isdigit() alone would pass "²" (and int() then fails); ids are ASCII digits of an int64.
+    if not (value.isascii() and value.isdigit()) or int(value) > MAX_EVENT_ID:
+        raise ApiError(
+            400,
+            "invalid_last_event_id",
+            "Last-Event-ID must be the id of an event this stream sent (a decimal integer); "
+            "omit it to start from the first event",
+        )
+    return int(value)
+
+
 @router.get(
     "/{session_id}/events",
     responses={
@@ -150,38 +154,41 @@ async def cancel_session(session_id: str, principal: PrincipalDep, services: Ser
 )
 async def session_events(
     session_id: str,
-    request: Request,
     principal: PrincipalDep,
     services: ServicesDep,
-    last_event_id: Annotated[str | None, Header(max_length=20)] = None,
+    last_event_id: Annotated[str | None, Header(max_length=40)] = None,
 ) -> EventSourceResponse:
     """Every change of the session as Server-Sent Events, from the start (or after ``Last-Event-ID``).
 
     Each event has the id of the stored event, ``event:`` its kind (``session.status``, ``sandbox.state``,
     ``guest.service``, ``credentials.stored``…) and JSON data. The stream ends after the session ends.
+    An API key holds at most ``BROWSERVM_MAX_EVENT_STREAMS_PER_KEY`` streams at once (429 past it).
     """
-    await _owned(services, session_id, principal.tenant)
-    after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
-    return EventSourceResponse(_event_stream(services, request, session_id, after), ping=15)
+    after = resume_after(last_event_id)
+    session = await _owned(services, session_id, principal.tenant)
+    slot = services.quotas.streams.take(principal.key_id)
+    terminal = SessionStatus(session.status).terminal
+    return EventStream(_event_stream(services, session_id, after, terminal), slot)
 
 
 async def _event_stream(
-    services: Services, request: Request, session_id: str, after: int
+    services: Services, session_id: str, after: int, terminal: bool
 ) -> AsyncIterator[ServerSentEvent]:
-    while True:
-        async with services.db.session() as db:
-            batch = await event_store.for_session(db, session_id, after=after)
-            session = await session_store.get(db, session_id)
-        ended = False
-        for event in batch:
-            after = event.id
-            payload = {"kind": event.kind, "at": event.created_at.isoformat(), **event.data}
-            yield ServerSentEvent(data=json.dumps(payload), event=event.kind, id=str(event.id))
-            if event.kind == "session.status" and SessionStatus(event.data.get("status", "pending")).terminal:
-                ended = True
-        if ended or (session is not None and SessionStatus(session.status).terminal and not batch):
-            return
-        if await request.is_disconnected():
-            return
-        await services.notifier.wait(session_id, timeout_s=5.0)
-        await asyncio.sleep(0)
+    """Read the table when the notifier says the session changed; an idle stream does no work at all."""
+    with services.notifier.subscribe(session_id) as changes:
+        while True:
+            changes.clear()
+            async with services.db.session() as db:
+                batch = await event_store.for_session(db, session_id, after=after, limit=EVENT_BATCH)
+            for event in batch:
+                after = event.id
+                payload = {"kind": event.kind, "at": event.created_at.isoformat(), **event.data}
+                yield ServerSentEvent(data=json.dumps(payload), event=event.kind, id=str(event.id))
+                if event.kind == "session.status":
+                    terminal = SessionStatus(event.data.get("status", "pending")).terminal
+            if len(batch) == EVENT_BATCH:
+                continue  # more are waiting
+            if terminal:
+                # Ended: its last events are out (or a resumed stream already had them).
+                return
+            await changes.changed_after(after)

@@ -16,8 +16,9 @@ import structlog
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.websockets import WebSocketState
 
-from browservm.controller.api.signaling import authorize_socket
-from browservm.sandbox.channel import AgentError, ByteStream, ChannelClosed
+from browservm.controller.deps import authorize_socket, deny_socket, viewer_runtime
+from browservm.controller.viewers import TooManyViewers
+from browservm.sandbox.channel import AgentError, ByteStream, Channel, ChannelClosed
 
 log = structlog.get_logger(__name__)
 
@@ -32,6 +33,19 @@ async def vnc_socket(websocket: WebSocket, session_id: str) -> None:
     if authorized is None:
         return
     _claims, channel = authorized
+    try:
+        with viewer_runtime(websocket.app.state).viewers.socket("vnc", session_id):
+            await _bridge(websocket, session_id, channel)
+    except TooManyViewers as exc:
+        await deny_socket(
+            websocket,
+            429,
+            "too_many_viewers",
+            f"this session already has {exc.limit} VNC viewers connected; close one and retry",
+        )
+
+
+async def _bridge(websocket: WebSocket, session_id: str, channel: Channel) -> None:
     try:
         stream = await channel.open_stream("vnc", timeout_s=OPEN_TIMEOUT_S)
     except (AgentError, ChannelClosed, TimeoutError) as exc:

@@ -49,6 +49,10 @@ class Demo(Provider):
             "--issuer",
             self.issuer,
             "--confirm",
+            # Waits past the login runner's own deadline, so a user who walks away ends the session
+            # `expired` (the runner's verdict), not `failed` (the CLI giving up first).
+            "--timeout",
+            f"{float(env.get('BROWSERVM_LOGIN_TIMEOUT_S') or 600) + 30:g}",
         ]
 
     def env(self, home: Path) -> dict[str, str]:

@@ -8,14 +8,45 @@
 //   controller -> page: {type:"hello", peer_id} | {type:"answer", sdp} | {type:"candidate", candidate}
 //                       | {type:"connected"} | {type:"closed", reason} | {type:"error", code, message}
 // Input travels on the data channel "input" as JSON {t: "move"|"down"|"up"|"wheel"|"key"|"text"|
-// "clipboard"|"ping", ...}; see browservm/guest/streamer.py for the receiving end.
+// "clipboard"|"ping"|"resize", ...}; see browservm/guest/xinput.py for the receiving end.
+//
+// The page follows its session's state (GET /v1/sessions/{id}/viewer-events, with the viewer token) and
+// shows it: the place in line while the session waits, "starting", the remote browser while the user
+// signs in, and a screen for each ending. It connects the media only while the login page is up, and on
+// every change of the session it dispatches a "browservm-session" CustomEvent on window and posts
+// {source: "browservm", type: "session", session_id, status, reason[, queue_position]} to its parent frame.
+
+import { readEvents, StreamError } from "./sse.js";
 
 const FIRST_FRAME_TIMEOUT_MS = 6000;
 const GATHER_TIMEOUT_MS = 2000;
 const DISCONNECTED_GRACE_MS = 2500;
 const RESTART_TIMEOUT_MS = 5000;
 const RECONNECT_DELAYS_MS = [500, 1000, 2000, 4000, 8000];
-const MAX_ATTEMPTS = 12; // about a minute and a half of retrying: by then the session has most likely ended
+// Without news of the session (its status stream is down too), stop retrying the media after about a
+// minute and a half; while the session is known to be live, retry for as long as it lives.
+const MAX_BLIND_ATTEMPTS = 12;
+const STATUS_RETRY_MS = [1000, 2000, 4000, 8000];
+const RESIZE_SETTLE_MS = 250;
+const TOKEN_KEY = (sessionId) => `browservm.viewer.${sessionId}`;
+
+// Session statuses in which the login page is on the remote screen.
+const SHOWING = new Set(["awaiting_user", "capturing"]);
+const TERMINAL = new Set(["completed", "failed", "expired", "cancelled"]);
+
+// What the user reads at each status (the reason line under it comes from the controller).
+const SCREENS = {
+  pending: { title: "Waiting for a free browser", text: "This page continues by itself when it is your turn." },
+  starting: { title: "Starting a secure browser for you", text: "This takes a few seconds." },
+  completed: { title: "You are signed in", text: "You can close this page now." },
+  cancelled: { title: "Sign-in cancelled", text: "" },
+  failed: { title: "Sign-in failed", text: "" },
+  expired: { title: "This sign-in has expired", text: "" },
+  unauthorized: {
+    title: "This link cannot open the sign-in",
+    text: "It has expired or is not valid. Ask the service that sent you here for a new link.",
+  },
+};
 
 function wsUrl(base, path) {
   const url = new URL(path, base);
@@ -189,12 +220,20 @@ export class Viewer {
     this.stateEl = root.querySelector(".bvm-state");
     this.statsEl = root.querySelector(".bvm-stats");
     this.switchButton = root.querySelector(".bvm-switch");
+    this.fullscreenButton = root.querySelector(".bvm-fullscreen");
+    this.keyboardButton = root.querySelector(".bvm-keyboard");
+    this.keysInput = root.querySelector(".bvm-keys");
+    this.overlay = root.querySelector(".bvm-overlay");
 
     // What tests and embedding pages can read: window.browservmViewer.status.
     this.status = {
       state: "idle", mode: null, frames: 0, reconnects: 0, fallbackReason: null,
       remoteWidth: 0, remoteHeight: 0, stats: {}, log: [],
+      session: null, // the last {session_id, status, reason, queue_position} the controller sent
     };
+    this.mediaStarted = false;
+    this.statusAbort = null;
+    this.sentSize = null;
     this.pc = null;
     this.signaling = null;
     this.input = null;
@@ -207,6 +246,8 @@ export class Viewer {
     this.pressed = new Set();
 
     this.bindInput();
+    this.bindControls();
+    this.watchSize();
     if (this.switchButton) this.switchButton.addEventListener("click", () => this.switchMode());
   }
 
@@ -221,14 +262,246 @@ export class Viewer {
     if (this.stateEl) this.stateEl.textContent = detail ? `${state}: ${detail}` : state;
     this.log(`state ${state}${detail ? ` (${detail})` : ""}`);
     this.root.dispatchEvent(new CustomEvent("browservm-state", { detail: { state, detail } }));
+    if (window.parent !== window) window.parent.postMessage({ source: "browservm", type: "state", state, detail }, "*");
   }
 
   start() {
-    if (this.forceMode === "vnc") return this.startVnc("requested");
-    return this.startWebRtc();
+    if (!this.token) {
+      this.showScreen("unauthorized", "");
+      this.setState("failed", "no viewer token");
+      return;
+    }
+    this.followSession();
+  }
+
+  startMedia() {
+    if (this.mediaStarted) return;
+    this.mediaStarted = true;
+    if (this.forceMode === "vnc") this.startVnc("requested");
+    else this.startWebRtc();
+  }
+
+  stopMedia() {
+    this.mediaStarted = false;
+    this.stopWebRtc();
+    this.stopVnc();
+  }
+
+  // ---------------------------------------------------------------------------------------- session
+
+  async followSession() {
+    // The session's state, from the controller, until it ends. The media connects once the login page
+    // is up; a stream that cannot even start (an older controller, a network fault) does not hold the
+    // media back, and is retried meanwhile.
+    const url = new URL(`/v1/sessions/${encodeURIComponent(this.sessionId)}/viewer-events`, this.baseUrl);
+    let attempt = 0;
+    for (;;) {
+      const abort = new AbortController();
+      this.statusAbort = abort;
+      try {
+        await readEvents(url, {
+          headers: { Authorization: `Bearer ${this.token}` },
+          signal: abort.signal,
+          onEvent: (event) => {
+            attempt = 0;
+            if (event.event === "session") this.onSession(JSON.parse(event.data));
+          },
+        });
+      } catch (error) {
+        if (abort.signal.aborted) return;
+        if (error instanceof StreamError && (error.status === 401 || error.status === 403)) {
+          this.log(`session stream refused: ${error.status} ${error.code}`);
+          this.endWith("unauthorized", "");
+          return;
+        }
+        this.log(`session stream failed: ${error.message || error}`);
+        if (!this.status.session) this.startMedia();
+      }
+      const session = this.status.session;
+      if (session && TERMINAL.has(session.status)) return;
+      const delay = STATUS_RETRY_MS[Math.min(attempt, STATUS_RETRY_MS.length - 1)];
+      attempt += 1;
+      await new Promise((resolve) => setTimeout(resolve, delay));
+      if (this.statusAbort !== abort) return; // closed meanwhile
+    }
+  }
+
+  onSession(session) {
+    const previous = this.status.session;
+    this.status.session = session;
+    this.root.dataset.sessionStatus = session.status;
+    const changed = !previous || previous.status !== session.status || previous.reason !== session.reason
+      || previous.queue_position !== session.queue_position;
+    if (changed) this.announce(session);
+    if (TERMINAL.has(session.status)) {
+      this.endWith(session.status, session.reason);
+    } else if (SHOWING.has(session.status)) {
+      this.hideScreen();
+      this.root.dataset.finishing = session.status === "capturing" ? "on" : "off";
+      this.startMedia();
+    } else {
+      // Waiting for a slot or for the browser to start: nothing to show yet, nothing to connect to.
+      if (this.mediaStarted) this.stopMedia();
+      const place = session.queue_position;
+      const screen = SCREENS[session.status] || SCREENS.starting;
+      const detail = session.status === "pending" && place
+        ? `You are number ${place} in line. ${screen.text}` : screen.text;
+      this.showScreen(session.status, "", detail);
+      this.setState("waiting", session.status === "pending" && place ? `queued, number ${place}` : session.status);
+    }
+  }
+
+  announce(session) {
+    // The contract with the operator's page: a DOM event here and a message to the parent frame.
+    const detail = { session_id: session.session_id, status: session.status, reason: session.reason || "" };
+    if (session.queue_position) detail.queue_position = session.queue_position;
+    this.log(`session ${detail.status}${detail.reason ? ` (${detail.reason})` : ""}`);
+    // Dispatched on the viewer element, it bubbles up to window.
+    this.root.dispatchEvent(new CustomEvent("browservm-session", { detail, bubbles: true, composed: true }));
+    if (window.parent !== window) {
+      // The embedder's origin is unknown here (no Referer is sent); frame-ancestors limits who embeds.
+      window.parent.postMessage({ source: "browservm", type: "session", ...detail }, "*");
+    }
+  }
+
+  endWith(kind, reason) {
+    // The session is over (or this link cannot follow it): no more reconnecting, say what happened.
+    this.stopMedia();
+    if (this.statusAbort) this.statusAbort.abort();
+    this.statusAbort = null;
+    this.root.dataset.finishing = "off";
+    if (this.switchButton) this.switchButton.hidden = true;
+    this.showScreen(kind, reason);
+    this.setState("ended", kind);
+  }
+
+  showScreen(kind, reason, text) {
+    if (!this.overlay) return;
+    const screen = SCREENS[kind] || { title: kind, text: "" };
+    this.overlay.dataset.kind = kind;
+    this.overlay.querySelector(".bvm-title").textContent = screen.title;
+    this.overlay.querySelector(".bvm-reason").textContent = reason || "";
+    this.overlay.querySelector(".bvm-text").textContent = text ?? screen.text;
+    this.overlay.hidden = false;
+    this.root.dataset.screen = kind;
+  }
+
+  hideScreen() {
+    if (this.overlay) this.overlay.hidden = true;
+    this.root.dataset.screen = "";
+  }
+
+  // ---------------------------------------------------------------------------------------- controls
+
+  // ---------------------------------------------------------------------------------------- screen size
+
+  watchSize() {
+    // The remote screen follows this viewer's size (in CSS pixels, so a phone gets a page laid out for
+    // a phone); the guest clamps it to its configured bounds, and the video's own size shows the result.
+    const screen = this.root.querySelector(".bvm-screen");
+    if (!screen || !("ResizeObserver" in window)) return;
+    let timer = null;
+    new ResizeObserver(() => {
+      clearTimeout(timer);
+      timer = setTimeout(() => this.askForSize(), RESIZE_SETTLE_MS); // one request once a drag settles
+    }).observe(screen);
+  }
+
+  askForSize() {
+    const screen = this.root.querySelector(".bvm-screen");
+    if (!screen) return;
+    const width = Math.round(screen.clientWidth / 2) * 2;
+    const height = Math.round(screen.clientHeight / 2) * 2;
+    if (!width || !height) return;
+    if (this.sentSize && this.sentSize.width === width && this.sentSize.height === height) return;
+    if (this.send({ t: "resize", width, height })) {
+      this.sentSize = { width, height };
+      this.status.requestedSize = { width, height };
+    }
+  }
+
+  bindControls() {
+    const button = this.fullscreenButton;
+    if (button) {
+      if (!document.fullscreenEnabled) button.hidden = true; // e.g. an iframe without allow="fullscreen"
+      button.addEventListener("click", () => this.toggleFullscreen());
+      document.addEventListener("fullscreenchange", () => {
+        const on = document.fullscreenElement === this.root;
+        button.textContent = on ? "Exit full screen" : "Full screen";
+        button.setAttribute("aria-pressed", on ? "true" : "false");
+        this.root.dataset.fullscreen = on ? "on" : "off";
+      });
+    }
+    if (this.keyboardButton && this.keysInput) {
+      // A touch device has no keyboard until a text field has focus: this one stands in for the remote's.
+      const touch = window.matchMedia("(pointer: coarse)").matches || navigator.maxTouchPoints > 0;
+      this.keyboardButton.hidden = !touch;
+      this.keyboardButton.addEventListener("click", () => this.openKeyboard());
+      this.bindKeysInput(this.keysInput);
+    }
+  }
+
+  async toggleFullscreen() {
+    try {
+      if (document.fullscreenElement) await document.exitFullscreen();
+      else await this.root.requestFullscreen({ navigationUI: "hide" });
+    } catch (error) {
+      this.log(`full screen refused: ${error}`);
+    }
+  }
+
+  openKeyboard() {
+    this.keysInput.value = "";
+    this.keysInput.focus({ preventScroll: true });
+  }
+
+  bindKeysInput(input) {
+    const special = new Map([
+      ["Enter", 0xff0d], ["Backspace", 0xff08], ["Tab", 0xff09], ["Escape", 0xff1b], ["Delete", 0xffff],
+      ["ArrowLeft", 0xff51], ["ArrowUp", 0xff52], ["ArrowRight", 0xff53], ["ArrowDown", 0xff54],
+    ]);
+    input.addEventListener("keydown", (event) => {
+      // Keys that edit or move: sent as keys. Characters arrive as input events (virtual keyboards send
+      // keydown "Unidentified" for them).
+      if (!special.has(event.key)) return;
+      event.preventDefault();
+      this.pressKey(event.key, special.get(event.key));
+    });
+    input.addEventListener("input", (event) => {
+      if (event.isComposing) return;
+      if (event.inputType === "deleteContentBackward") this.pressKey("Backspace", 0xff08);
+      else if (event.inputType === "insertLineBreak") this.pressKey("Enter", 0xff0d);
+      else if (event.data) this.typeText(event.data);
+      input.value = "";
+    });
+    input.addEventListener("compositionend", (event) => {
+      if (event.data) this.typeText(event.data);
+      input.value = "";
+    });
+  }
+
+  pressKey(key, keysym) {
+    if (this.status.mode === "vnc" && this.rfb) {
+      this.rfb.sendKey(keysym, key);
+      return;
+    }
+    this.send({ t: "key", key, code: key, down: true });
+    this.send({ t: "key", key, code: key, down: false });
+  }
+
+  typeText(text) {
+    if (this.status.mode === "vnc" && this.rfb) {
+      for (const char of text) {
+        const point = char.codePointAt(0);
+        this.rfb.sendKey(point < 0x100 ? point : 0x01000000 + point, null);
+      }
+      return;
+    }
+    this.send({ t: "text", text });
   }
 
   switchMode() {
+    if (!this.mediaStarted) return; // nothing to switch before the sign-in page is up, or after the end
     if (this.status.mode === "vnc") {
       this.stopVnc();
       this.forceMode = "auto";
@@ -261,6 +534,8 @@ export class Viewer {
       this.input.onopen = () => {
         this.log("input channel open");
         this.send({ t: "ping", ts: performance.now() });
+        this.sentSize = null;
+        this.askForSize();
       };
       this.input.onmessage = (event) => this.onInputMessage(event.data);
       pc.ontrack = (event) => {
@@ -385,7 +660,7 @@ export class Viewer {
     const delay = RECONNECT_DELAYS_MS[Math.min(this.reconnectAttempt, RECONNECT_DELAYS_MS.length - 1)];
     this.reconnectAttempt += 1;
     this.status.reconnects += 1;
-    if (this.reconnectAttempt > MAX_ATTEMPTS) {
+    if (this.givesUp()) {
       this.setState("failed", `${why}; reload to try again`);
       return;
     }
@@ -397,6 +672,13 @@ export class Viewer {
     setTimeout(() => {
       if (generation === this.generation) this.startWebRtc();
     }, delay);
+  }
+
+  givesUp() {
+    // Blind retries stop after a while; a session known to be live keeps its viewer trying.
+    const session = this.status.session;
+    if (session && !TERMINAL.has(session.status) && this.statusAbort) return false;
+    return this.reconnectAttempt > MAX_BLIND_ATTEMPTS;
   }
 
   teardownPeer() {
@@ -626,7 +908,8 @@ export class Viewer {
     rfb.addEventListener("disconnect", (event) => {
       if (generation !== this.generation) return;
       this.rfb = null;
-      if (this.reconnectAttempt >= MAX_ATTEMPTS) {
+      if (!this.mediaStarted) return; // stopped on purpose: the session ended
+      if (this.givesUp()) {
         this.setState("failed", "cannot reach the session; it may have ended. Reload to try again");
         return;
       }
@@ -651,8 +934,9 @@ export class Viewer {
   }
 
   close() {
-    this.stopWebRtc();
-    this.stopVnc();
+    if (this.statusAbort) this.statusAbort.abort();
+    this.statusAbort = null;
+    this.stopMedia();
     this.setState("closed");
   }
 }
@@ -661,16 +945,21 @@ export class Viewer {
 export function boot(root = document.querySelector(".bvm-viewer")) {
   if (!root) return null;
   const params = new URLSearchParams(window.location.search);
-  if (params.has("token")) {
-    // Keep the token out of the address bar (and of anything that copies it) once the page has it.
-    root.dataset.token = params.get("token");
+  const sessionId = root.dataset.session;
+  let token = params.get("token");
+  if (token) {
+    // Keep the token out of the address bar (and of anything that copies it) once the page has it, but
+    // in this tab's sessionStorage, so that a reload reopens the same session while the token lives.
+    try { sessionStorage.setItem(TOKEN_KEY(sessionId), token); } catch (e) { /* storage disabled */ }
     params.delete("token");
     const rest = params.toString();
     history.replaceState(null, "", window.location.pathname + (rest ? `?${rest}` : ""));
+  } else {
+    try { token = sessionStorage.getItem(TOKEN_KEY(sessionId)); } catch (e) { token = null; }
   }
   const viewer = new Viewer(root, {
-    sessionId: root.dataset.session,
-    token: root.dataset.token,
+    sessionId,
+    token,
     transport: params.get("transport") || "ws",
     icePolicy: params.get("ice_policy") === "relay" ? "relay" : "all",
     mode: params.get("mode") || "auto",

@@ -1,0 +1,62 @@
+"""The guest image: one Debian tree for every backend, built, cached and checked by ``browservm image``.
+
+Outputs of one build (:class:`BuiltImage`): ``tree/`` (the process backend's ``/``), ``rootfs.ext4`` (the
+same tree, read-only, for VMs), ``vmlinux``/``vmlinuz`` and ``initramfs.img``. See docs/image.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from browservm.sandbox.image.builder import STEPS, BuildResult, ImageBuilder, Progress
+from browservm.sandbox.image.errors import ImageBuildError
+from browservm.sandbox.image.layers import Caches
+from browservm.sandbox.image.manifest import AgentCommand, ImageManifest
+from browservm.sandbox.image.recipe import VARIANTS, Recipe, Variant
+from browservm.sandbox.image.store import BuiltImage, ImageStore, Pruned
+from browservm.settings import Settings
+
+__all__ = [
+    "STEPS",
+    "VARIANTS",
+    "AgentCommand",
+    "BuildResult",
+    "BuiltImage",
+    "Caches",
+    "ImageBuildError",
+    "ImageBuilder",
+    "ImageManifest",
+    "ImageStore",
+    "Progress",
+    "Pruned",
+    "Recipe",
+    "Variant",
+    "builder_for",
+    "current_image",
+    "current_tree",
+    "store_for",
+]
+
+
+def store_for(settings: Settings) -> ImageStore:
+    return ImageStore(settings.effective_image_dir)
+
+
+def builder_for(settings: Settings, progress: Progress | None = None) -> ImageBuilder:
+    return ImageBuilder(store_for(settings), Caches.under(settings.cache), progress)
+
+
+def current_image(settings: Settings, variant: Variant = "browser") -> BuiltImage | None:
+    """The image a backend should run (the last one built of ``variant``), or None."""
+    return store_for(settings).current(variant)
+
+
+def current_tree(settings: Settings, variant: Variant = "browser") -> Path:
+    """The tree of the current image; :class:`LookupError` saying how to build one when there is none."""
+    image = current_image(settings, variant)
+    if image is None:
+        raise LookupError(
+            f"no {variant} guest image in {settings.effective_image_dir}: build it with "
+            f"'browservm image build --variant {variant}' (scripts/run.sh does, in a few minutes)"
+        )
+    return image.tree

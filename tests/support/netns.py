@@ -1,0 +1,56 @@
+"""Reaching into a sandbox's network namespace from a test, the way an operator would with nsenter.
+
+A sandbox's loopback is its own: a test that watches the sandbox's Chromium through its DevTools port
+(``BROWSERVM_DEVTOOLS_DEBUG_PORT``) must connect from inside the sandbox's network namespace. A socket
+belongs to the namespace its thread was in when it was made, so :func:`in_netns` runs the work on a
+thread of its own that has entered the namespace (``setns``) and is never reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from browservm.sandbox import scope_of
+
+T = TypeVar("T")
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def sandbox_netns(state_dir: Path, sandbox_id: str) -> str:
+    """The name of a sandbox's network namespace (the controller's naming, see sandbox/network.py)."""
+    return f"bvm-{scope_of(state_dir)}-{sandbox_id}"
+
+
+def netns_of_dir(sandbox_dir: Path) -> str:
+    """The same, from the sandbox's directory (``state_dir/sandboxes/<id>``) or a path inside it."""
+    parts = sandbox_dir.resolve().parts
+    index = parts.index("sandboxes")
+    return sandbox_netns(Path(*parts[:index]), parts[index + 1])
+
+
+def _enter(netns: str) -> None:
+    fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, f"setns into {netns}: {os.strerror(error)}")
+    finally:
+        os.close(fd)
+
+
+async def in_netns(netns: str, work: Callable[[], Awaitable[T]]) -> T:
+    """``await work()`` inside ``netns``, on a fresh thread with an event loop of its own."""
+
+    def run() -> T:
+        _enter(netns)
+        return asyncio.run(work())  # type: ignore[arg-type]
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"netns-{netns}") as pool:
+        return await asyncio.get_running_loop().run_in_executor(pool, run)

@@ -1,0 +1,153 @@
+"""Media from an isolated guest to a viewer that is not on the host: with the host's 1:1 UDP mapping the
+viewer's Chromium gets the video over the sandbox's public port, not through a relay; without it, through
+the host's coturn. The whole product runs in a network namespace this test makes (the "host"); the
+viewer's Chromium in a second one (the "internet"), joined to it by a veth whose host end carries the
+host's "public" address, 198.18.0.1 (the benchmark range, only inside these namespaces).
+
+The scenario is :mod:`tests.web.media_driver`, run once per mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.web.test_webrtc_e2e import ip, kill_namespace, namespace_pids
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+DRIVER_TIMEOUT_S = 150
+PUBLIC_IP, VIEWER_IP = "198.18.0.1", "198.18.0.2"
+
+
+@contextlib.contextmanager
+def host_and_internet() -> Iterator[tuple[str, str]]:
+    """Two namespaces: the host (loopback, and the public address on a veth) and the viewer's internet."""
+    host, viewer = f"bvm-mh-{secrets.token_hex(3)}", f"bvm-mv-{secrets.token_hex(3)}"
+    ip("netns", "add", host)
+    try:
+        ip("netns", "add", viewer)
+        try:
+            ip("-n", host, "link", "set", "lo", "up")
+            ip("-n", viewer, "link", "set", "lo", "up")
+            ip("-n", host, "link", "add", "public0", "type", "veth", "peer", "name", "eth0", "netns", viewer)
+            ip("-n", host, "address", "add", f"{PUBLIC_IP}/24", "dev", "public0")
+            ip("-n", host, "link", "set", "public0", "up")
+            ip("-n", viewer, "address", "add", f"{VIEWER_IP}/24", "dev", "eth0")
+            ip("-n", viewer, "link", "set", "eth0", "up")
+            ip("-n", viewer, "route", "add", "default", "via", PUBLIC_IP)
+            yield host, viewer
+        finally:
+            kill_namespace(viewer)
+    finally:
+        kill_namespace(host)
+
+
+def run_driver(host: str, viewer: str, mapping: str, rounds: int = 6) -> dict[str, Any]:
+    """Run the scenario in ``host``; its JSON results, with its exit status and the tail of its log."""
+    state_dir = Path(tempfile.mkdtemp(prefix="bvm-"))  # short: unix socket paths live under it
+    out = state_dir.with_name(state_dir.name + "-results.json")
+    log = state_dir.with_name(state_dir.name + "-driver.log")
+    try:
+        with log.open("wb") as log_file:
+            driver = subprocess.Popen(
+                [
+                    "ip", "netns", "exec", host, sys.executable, "-m", "tests.web.media_driver",
+                    "--state-dir", str(state_dir), "--out", str(out), "--viewer-netns", viewer,
+                    "--public-ip", PUBLIC_IP, "--mapping", mapping, "--rounds", str(rounds),
+                ],
+                cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+            try:
+                driver.wait(DRIVER_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(driver.pid, signal.SIGKILL)
+                driver.wait()
+        data: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {"steps_done": []}
+        data["driver_exit"] = driver.returncode
+        data["driver_log"] = log.read_text(errors="replace")[-6000:]
+        data["left_in_host"] = namespace_pids(host)
+        return data
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
+        out.unlink(missing_ok=True)
+        log.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def runs() -> Iterator[dict[str, dict[str, Any]]]:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 to create network namespaces")
+    with host_and_internet() as (host, viewer):
+        yield {mapping: run_driver(host, viewer, mapping) for mapping in ("on", "off")}
+
+
+def step(run: dict[str, Any], name: str) -> dict[str, Any]:
+    if name not in run:
+        error = run.get("error") or {}
+        detail = json.dumps({k: v for k, v in error.items() if k != "traceback"}, indent=1)[-5000:]
+        pytest.fail(
+            f"the driver did not complete step {name!r} (done: {run['steps_done']}, exit "
+            f"{run['driver_exit']}):\n{error.get('traceback', '')}\n{detail}\n{run['driver_log']}"
+        )
+    value: dict[str, Any] = run[name]
+    return value
+
+
+def test_with_the_mapping_the_video_comes_over_the_public_port_not_a_relay(
+    runs: dict[str, dict[str, Any]],
+) -> None:
+    video = step(runs["on"], "video")
+    assert video["mode"] == "webrtc" and video["state"] == "streaming", video
+    pair = video["selected_pair"]
+    assert pair["local"]["type"] != "relay" and pair["remote"]["type"] != "relay", pair
+    assert video["stats"]["path"] == "direct", video
+    # The streamer's side of the pair is the host's public address, at the sandbox's mapped port,
+    # which the streamer advertised as its host candidate.
+    assert pair["remote"]["address"] == PUBLIC_IP and 41000 <= pair["remote"]["port"] <= 41099, pair
+    assert any(f"{PUBLIC_IP} {pair['remote']['port']} typ host" in c for c in video["answer_candidates"])
+    assert pair["local"]["address"] == VIEWER_IP, pair
+    latency = step(runs["on"], "latency")
+    assert latency["selected_pair"]["remote"]["type"] != "relay", latency
+
+
+def test_without_the_mapping_the_video_comes_through_the_relay(runs: dict[str, dict[str, Any]]) -> None:
+    video = step(runs["off"], "video")
+    assert video["mode"] == "webrtc" and video["state"] == "streaming", video
+    pair = video["selected_pair"]
+    assert not any(PUBLIC_IP in c for c in video["answer_candidates"]), "a mapping was advertised"
+    # Here coturn relays from the gateway address, and its packets leave through the host's masquerade:
+    # the viewer sees the streamer's relay as a peer-reflexive candidate (its address hidden) at the
+    # relay candidate's port. A production coturn relays from the public address: type relay.
+    relay_ports = {int(c.split()[5]) for c in video["answer_candidates"] if " typ relay" in c}
+    assert (
+        pair["local"]["type"] == "relay"
+        or pair["remote"]["type"] == "relay"
+        or (pair["remote"]["type"] == "prflx" and pair["remote"]["port"] in relay_ports)
+    ), (pair, video["answer_candidates"])
+
+
+def test_the_viewer_sees_changes_and_its_clicks_land_either_way(runs: dict[str, dict[str, Any]]) -> None:
+    for mapping, run in runs.items():
+        latency = step(run, "latency")
+        assert latency["glass_to_glass_ms"]["n"] >= 6, (mapping, latency)
+        assert latency["click_to_focus_ms"]["median"] < 1000, (mapping, latency)
+
+
+def test_nothing_is_left_running(runs: dict[str, dict[str, Any]]) -> None:
+    for mapping, run in runs.items():
+        assert run["driver_exit"] == 0, (mapping, run["driver_log"])
+        assert run["left_in_host"] == [], (mapping, "processes outlived the driver")
