@@ -119,7 +119,7 @@ _BINDING_REQUEST = 0x0001
 _BINDING_SUCCESS = 0x0101
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str) -> int:
     """A port free for both UDP and TCP on ``host`` right now (coturn listens on both)."""
     for _ in range(50):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
@@ -265,6 +265,9 @@ class Coturn:
             f"--realm={self.realm}",
             "--no-tls",
             "--no-dtls",
+            # No NAT behaviour discovery: it also binds the port above ours, which nobody reserved for it
+            # and which another process may hold (a start-up that failed in CI).
+            "--no-rfc5780",
             f"--min-port={self.min_port}",
             f"--max-port={self.max_port}",
             "--no-cli",
@@ -288,7 +291,7 @@ class Coturn:
         else:
             self._work_dir.mkdir(parents=True, exist_ok=True)
         if self.port is None:
-            self.port = _free_port(self.listening_ip)
+            self.port = free_port(self.listening_ip)
         self._process = await asyncio.create_subprocess_exec(
             *self.command(),
             stdin=asyncio.subprocess.DEVNULL,
@@ -353,6 +356,7 @@ __all__ = [
     "CoturnError",
     "TurnCredential",
     "coturn_port",
+    "free_port",
     "guest_turn_urls",
     "ice_servers",
     "stun_binding",

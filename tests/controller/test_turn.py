@@ -7,6 +7,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import socket
 from collections.abc import AsyncIterator
 
 import pytest
@@ -14,7 +15,14 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
 from aiortc.rtcconfiguration import RTCIceTransportPolicy
 from pydantic import ValidationError
 
-from browservm.controller.turn import Coturn, CoturnError, ice_servers, stun_binding, turn_credential
+from browservm.controller.turn import (
+    Coturn,
+    CoturnError,
+    free_port,
+    ice_servers,
+    stun_binding,
+    turn_credential,
+)
 from browservm.settings import Settings
 
 SECRET = "test-turn-secret"
@@ -68,6 +76,23 @@ async def test_coturn_answers_stun_and_stops_cleanly() -> None:
     await turn.stop()
     assert pid is not None
     assert not stun_binding("127.0.0.1", turn.port)
+
+
+async def test_coturn_needs_only_its_own_port() -> None:
+    # coturn's NAT behaviour discovery binds the port above its own; held by someone else, it never started.
+    port = free_port("127.0.0.1")
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp,
+    ):
+        tcp.bind(("127.0.0.1", port + 1))
+        tcp.listen()
+        udp.bind(("127.0.0.1", port + 1))
+        async with Coturn(
+            secret=SECRET, port=port, extra_listening_ips=["127.0.0.2"], min_port=49530, max_port=49540
+        ) as turn:
+            assert stun_binding("127.0.0.1", port)
+            assert turn.port == port
 
 
 async def test_coturn_reports_why_it_failed_to_start() -> None:
