@@ -34,6 +34,13 @@ app.add_typer(image_app, name="image")
 T = TypeVar("T")
 
 
+@app.callback()
+def _every_command() -> None:
+    """Commands print their results on stdout; only warnings are logged, to stderr (serve then logs at
+    its own level)."""
+    logs.configure("warning", json=False)
+
+
 def _settings(**overrides: Any) -> Settings:
     try:
         return load_settings(**{k: v for k, v in overrides.items() if v is not None})
