@@ -68,3 +68,22 @@ async def test_create_without_a_key_or_controller_says_what_to_do(tmp_path: Path
     wrong = await _browservm(env, "sessions", "create", "--user", "u", "--provider", "netscape")
     _out, err = await wrong.communicate()
     assert wrong.returncode == 2 and "claude_code" in err.decode()
+
+
+async def test_cancel_on_the_host_ends_the_running_flow_and_frees_its_slot(controller: Controller) -> None:
+    # The command line writes the database only; the running controller notices within a reconcile pass.
+    env = {**os.environ, "BROWSERVM_DATABASE_URL": controller.settings.effective_database_url}
+    async with AsyncClient(controller.key, base_url=controller.url) as api:
+        first = await api.sessions.create(user_id="cli-user", provider="demo")
+        await api.sessions.wait(first.id, "awaiting_user", timeout=60)
+        cancel = await _browservm(env, "sessions", "cancel", first.id)
+        out, err = await cancel.communicate()
+        assert cancel.returncode == 0, err
+        assert out.decode().strip() == f"cancelled {first.id}"
+        # The host runs one sandbox: a second session starts only once the first one's flow let it go.
+        second = await api.sessions.create(user_id="cli-user", provider="demo")
+        started = await api.sessions.wait(second.id, "awaiting_user", timeout=60)
+        assert started.sandbox_id != (await api.sessions.get(first.id)).sandbox_id
+        metrics = (await controller.client.get("/metrics")).text
+        assert 'browservm_reconcile_actions_total{action="flow_stopped"} 1.0' in metrics.splitlines()
+        await api.sessions.cancel(second.id)

@@ -115,13 +115,10 @@ class Reconciler:
         async with self.db.session() as db:
             unfinished = {s.id: s for s in await session_store.unfinished(db)}
             live = await sandbox_store.live(db)
-        for session_id, task in list(self.sessions.tasks.items()):
-            if session_id not in unfinished and not task.cancelling():
-                # Ended elsewhere (the command line, another replica): stop driving it.
-                task.cancel()
-                self.metrics.reconciles.labels("flow_stopped").inc()
+        if stopped := self.sessions.stop_driving_except(unfinished.keys()):
+            self.metrics.reconciles.labels("flow_stopped").inc(stopped)
         for session in unfinished.values():
-            if session.id in self.sessions.tasks:
+            if self.sessions.driving(session.id):
                 continue
             if session.expires_at <= now:
                 await self.sessions.expire(session.id, "expired while not running")
@@ -134,7 +131,7 @@ class Reconciler:
                 continue
             if self.pool is not None and self.pool.owns(record.id):
                 continue  # warm: it has no session yet
-            if record.session_id in self.sessions.tasks:
+            if self.sessions.driving(record.session_id):
                 continue  # its flow is ending it right now
             current = await self.sandboxes.get(record.id)
             if current is None or (current.session_id, current.state) != (record.session_id, record.state):

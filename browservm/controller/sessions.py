@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import functools
 import json
+from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
@@ -72,7 +73,8 @@ class SessionService:
         self.vault = vault
         self.metrics = metrics
         self.notifier = notifier
-        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self._flows: dict[str, asyncio.Task[None]] = {}
+        """The task driving each session this controller runs, by session id."""
         self.session_channels: dict[str, Channel] = {}
         self.deliver: DeliveryHook | None = None
         self.pool: WarmPool | None = None
@@ -120,7 +122,7 @@ class SessionService:
                 "not_cancellable",
                 f"session {session_id} is {exc.current} and can no longer be cancelled",
             ) from None
-        task = self.tasks.get(session_id)
+        task = self._flows.get(session_id)
         if task is not None:
             task.cancel()
         return session
@@ -137,16 +139,30 @@ class SessionService:
     # ------------------------------------------------------------------ lifecycle
 
     def launch(self, session_id: str, *, promised: bool = False) -> None:
-        if session_id in self.tasks:
+        if session_id in self._flows:
             return
         task = asyncio.create_task(self._run(session_id, promised=promised), name=f"session-{session_id}")
-        self.tasks[session_id] = task
-        task.add_done_callback(lambda _t: self.tasks.pop(session_id, None))
+        self._flows[session_id] = task
+        task.add_done_callback(lambda _t: self._flows.pop(session_id, None))
+
+    def driving(self, session_id: str | None) -> bool:
+        """Whether this controller runs the session's flow (which also ends its sandbox)."""
+        return session_id in self._flows
+
+    def stop_driving_except(self, unfinished: Collection[str]) -> int:
+        """Stop the flows of sessions that ended elsewhere (the command line, another replica), those not
+        in ``unfinished``; how many were stopped."""
+        stopped = 0
+        for session_id, task in list(self._flows.items()):
+            if session_id not in unfinished and not task.cancelling():
+                task.cancel()
+                stopped += 1
+        return stopped
 
     async def shutdown(self) -> None:
         """Stop driving sessions but leave their sandboxes running: the next start adopts them."""
         self._stopping = True
-        tasks = list(self.tasks.values())
+        tasks = list(self._flows.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
