@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 
 from browservm import protocol
-from browservm.controller.capacity import Capacity
+from browservm.controller.capacity import Capacity, Lease
 from browservm.controller.egress import EgressService, proxy_environment
 from browservm.controller.errors import ApiError
 from browservm.controller.exec_history import ExecHistory, ExecRun
@@ -38,7 +38,7 @@ from browservm.store import events as event_store
 from browservm.store import sandboxes as sandbox_store
 from browservm.store.database import Database
 from browservm.store.models import CliVm, Credential, Sandbox
-from browservm.store.states import LIVE_SANDBOX, SandboxState
+from browservm.store.states import SandboxState
 from browservm.vault import Vault
 from browservm_client.models import CliVmState
 
@@ -79,6 +79,18 @@ class CliVmService:
         self.forwarder: ProxyForwarder | None = None
         self._proxy_env: dict[str, dict[str, str]] = {}
         """By sandbox id: what each exec in the CLI VM gets in its environment (no credential in it)."""
+        self._leases: dict[str, Lease] = {}
+        """By sandbox id: the slot of each running CLI VM (none while hibernated)."""
+
+    def hold(self, sandbox_id: str, lease: Lease) -> None:
+        """The slot of a running CLI VM adopted after a restart."""
+        self._leases[sandbox_id] = lease
+
+    def _let_go(self, sandbox_id: str) -> None:
+        """The CLI VM no longer runs: its slot is free for others."""
+        lease = self._leases.pop(sandbox_id, None)
+        if lease is not None:
+            lease.release()
 
     def _lock(self, tenant: str, user_id: str) -> asyncio.Lock:
         return self._locks.setdefault((tenant, user_id), asyncio.Lock())
@@ -139,12 +151,15 @@ class CliVmService:
         async with self._lock(tenant, user_id):
             if await self.find(tenant, user_id) is not None:
                 raise ApiError(409, "cli_vm_exists", f"user {user_id!r} already has a CLI VM")
-            await self.capacity.take_now()
+            lease = await self.capacity.take_now()
             try:
                 handle, channel = await self.sandboxes.start(role="cli", tenant=tenant, user_id=user_id)
-            except (SandboxError, ChannelClosed, protocol.ProtocolError, OSError) as exc:
-                self.capacity.release()
-                raise ApiError(502, "sandbox_failed", f"CLI VM did not start: {exc}") from exc
+            except BaseException as exc:
+                lease.release()
+                if isinstance(exc, SandboxError | ChannelClosed | protocol.ProtocolError | OSError):
+                    raise ApiError(502, "sandbox_failed", f"CLI VM did not start: {exc}") from exc
+                raise
+            self._leases[handle.sandbox_id] = lease
             async with self.db.session() as db:
                 await cli_vm_store.put(db, tenant=tenant, user_id=user_id, sandbox_id=handle.sandbox_id)
             self.history.forget(tenant, user_id)  # a new VM starts with no past
@@ -156,14 +171,12 @@ class CliVmService:
     async def delete(self, tenant: str, user_id: str) -> None:
         async with self._lock(tenant, user_id):
             _row, sandbox = await self.describe(tenant, user_id)
-            holds_slot = sandbox.state in LIVE_SANDBOX  # not when hibernated or failed
             with self._doing(tenant, user_id, CliVmState.STOPPING, sandbox.id):
                 if sandbox.state == SandboxState.ASSIGNED:
                     await self._read_back_quietly(tenant, user_id, sandbox)
                 await self.sandboxes.destroy(sandbox.id, "deleted by the operator")
                 await self._ungrant(sandbox.id)
-            if holds_slot:
-                self.capacity.release()
+            self._let_go(sandbox.id)
             self.history.forget(tenant, user_id)
 
     async def hibernate(self, tenant: str, user_id: str) -> Sandbox:
@@ -175,7 +188,7 @@ class CliVmService:
                 await self._read_back_quietly(tenant, user_id, sandbox)
                 await self.sandboxes.hibernate(sandbox)
                 await self._ungrant(sandbox.id)
-            self.capacity.release()
+            self._let_go(sandbox.id)
             return (await self.require(tenant, user_id))[1]
 
     async def resume(self, tenant: str, user_id: str) -> Sandbox:
@@ -183,13 +196,16 @@ class CliVmService:
             _row, sandbox = await self.require(tenant, user_id)
             if sandbox.state != SandboxState.HIBERNATED:
                 raise ApiError(409, "not_hibernated", f"the CLI VM of {user_id!r} is running")
-            await self.capacity.take_now()
+            lease = await self.capacity.take_now()
             with self._doing(tenant, user_id, CliVmState.RESUMING, sandbox.id):
                 try:
                     _handle, channel = await self.sandboxes.resume(sandbox)
-                except (SandboxError, ChannelClosed, OSError) as exc:
-                    self.capacity.release()
-                    raise ApiError(502, "sandbox_failed", f"CLI VM did not resume: {exc}") from exc
+                except BaseException as exc:
+                    lease.release()
+                    if isinstance(exc, SandboxError | ChannelClosed | OSError):
+                        raise ApiError(502, "sandbox_failed", f"CLI VM did not resume: {exc}") from exc
+                    raise
+                self._leases[sandbox.id] = lease
                 await self.grant(tenant, user_id, sandbox.id)
                 await self._deliver_pending(tenant, user_id, channel)
             return (await self.require(tenant, user_id))[1]

@@ -33,7 +33,7 @@ from pydantic import BaseModel
 
 from browservm import protocol
 from browservm.aio import cancel_and_wait
-from browservm.controller.capacity import Capacity
+from browservm.controller.capacity import Capacity, Lease
 from browservm.controller.metrics import Metrics
 from browservm.controller.sandboxes import SandboxService
 from browservm.sandbox.base import SandboxError, SandboxSnapshot
@@ -53,6 +53,8 @@ RETRY_AFTER_FAILURE_S = 30.0
 class WarmSandbox:
     sandbox_id: str
     channel: Channel
+    lease: Lease
+    """Its slot: offered while idle, then passed to the session that takes it."""
 
 
 class WarmPool:
@@ -94,11 +96,11 @@ class WarmPool:
             self._filler = asyncio.create_task(self._fill(), name="warm-pool")
 
     async def take(self, *, tenant: str, user_id: str, session_id: str) -> WarmSandbox | None:
-        """An idle warm sandbox, now ``assigned`` to the session, its capacity slot passing to the caller;
+        """An idle warm sandbox, now ``assigned`` to the session, its lease passing to the caller;
         ``None`` when there is none."""
         while self._idle:
             warm = self._idle.popleft()
-            self.capacity.use_spare()
+            warm.lease.claim()
             self._report()
             self.capacity.freed.set()  # wake the filler: one more is wanted
             self._taking.add(warm.sandbox_id)
@@ -113,12 +115,12 @@ class WarmPool:
             except (IllegalTransition, LookupError) as exc:
                 why = f"it could not be claimed: {exc}"
             except BaseException:
-                self._discard_later(warm.sandbox_id, "the session stopped while taking it")
+                self._discard_later(warm, "the session stopped while taking it")
                 raise
             finally:
                 self._taking.discard(warm.sandbox_id)
             log.warning("warm_pool.unusable", sandbox_id=warm.sandbox_id, reason=why)
-            self._discard_later(warm.sandbox_id, why)
+            self._discard_later(warm, why)
         self.metrics.warm_pool_takes.labels("miss").inc()
         return None
 
@@ -139,8 +141,7 @@ class WarmPool:
         """Stop filling and destroy the idle sandboxes (a new controller would not know them)."""
         await cancel_and_wait([self._filler, *self._boots])
         while self._idle:
-            self.capacity.use_spare()
-            self._discard_later(self._idle.popleft().sandbox_id, "the controller is stopping")
+            self._discard_later(self._idle.popleft(), "the controller is stopping")
         await asyncio.gather(*self._discards, return_exceptions=True)
         if self.snapshot is not None:
             with contextlib.suppress(Exception):
@@ -162,17 +163,17 @@ class WarmPool:
             while (
                 len(self._idle) + len(self._boots) < self.size
                 and loop.time() >= self._retry_at
-                and self.capacity.try_take()
+                and (lease := self.capacity.try_take()) is not None
             ):
-                boot = asyncio.create_task(self._boot(new_id("sbx")), name="warm-pool-boot")
+                boot = asyncio.create_task(self._boot(new_id("sbx"), lease), name="warm-pool-boot")
                 self._boots.add(boot)
                 boot.add_done_callback(self._boots.discard)
             timeout = max(0.0, self._retry_at - loop.time()) or None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.capacity.freed.wait(), timeout)
 
-    async def _boot(self, sandbox_id: str) -> None:
-        """Boot one warm sandbox on a slot already taken; give the slot back if it does not become one."""
+    async def _boot(self, sandbox_id: str, lease: Lease) -> None:
+        """Boot one warm sandbox on the lease taken for it; give the lease back if it does not become one."""
         self._booting.add(sandbox_id)
         try:
             snapshot = await self._snapshot()
@@ -186,7 +187,7 @@ class WarmPool:
                     await self._prepare(channel)
                 await self.sandboxes.mark_ready(sandbox_id)
         except asyncio.CancelledError:
-            await asyncio.shield(self._discard(sandbox_id, "the controller is stopping"))
+            await asyncio.shield(self._discard(sandbox_id, lease, "the controller is stopping"))
             raise
         except (
             SandboxError,
@@ -199,16 +200,16 @@ class WarmPool:
         ) as exc:
             log.warning("warm_pool.boot_failed", sandbox_id=sandbox_id, error=str(exc) or type(exc).__name__)
             self._retry_at = asyncio.get_running_loop().time() + RETRY_AFTER_FAILURE_S
-            await self._discard(sandbox_id, f"warm boot failed: {exc}")
+            await self._discard(sandbox_id, lease, f"warm boot failed: {exc}")
             return
         finally:
             self._booting.discard(sandbox_id)
         if self.capacity.queued:
             # A session began to wait while this booted: the slot is worth more to it than a warm browser.
-            await self._discard(sandbox_id, "a waiting session needs the slot")
+            await self._discard(sandbox_id, lease, "a waiting session needs the slot")
             return
-        self._idle.append(WarmSandbox(sandbox_id, channel))
-        self.capacity.add_spare()
+        lease.offer()
+        self._idle.append(WarmSandbox(sandbox_id, channel, lease))
         self._report()
         log.info("warm_pool.ready", sandbox_id=sandbox_id, idle=len(self._idle))
 
@@ -288,28 +289,31 @@ class WarmPool:
 
     # ------------------------------------------------------------------ giving sandboxes up
 
-    async def _reclaim(self) -> bool:
-        """Destroy one idle sandbox for a caller that needs its slot; the slot passes to the caller."""
+    async def _reclaim(self) -> Lease | None:
+        """Destroy one idle sandbox for a caller that needs its slot; its lease passes to the caller."""
         if not self._idle:
-            return False
+            return None
         warm = self._idle.popleft()
-        self.capacity.use_spare()
+        warm.lease.claim()
         self._report()
         self._taking.add(warm.sandbox_id)
         try:
             await self.sandboxes.destroy(warm.sandbox_id, "its slot was needed by a CLI VM")
+        except BaseException:
+            warm.lease.release()
+            raise
         finally:
             self._taking.discard(warm.sandbox_id)
         self.metrics.warm_pool_takes.labels("reclaimed").inc()
-        return True
+        return warm.lease
 
-    def _discard_later(self, sandbox_id: str, reason: str) -> None:
-        task = asyncio.create_task(self._discard(sandbox_id, reason))
+    def _discard_later(self, warm: WarmSandbox, reason: str) -> None:
+        task = asyncio.create_task(self._discard(warm.sandbox_id, warm.lease, reason))
         self._discards.add(task)
         task.add_done_callback(self._discards.discard)
 
-    async def _discard(self, sandbox_id: str, reason: str) -> None:
-        """Destroy a pool sandbox and free its slot (which wakes the filler, or goes to a waiter)."""
+    async def _discard(self, sandbox_id: str, lease: Lease, reason: str) -> None:
+        """Destroy a pool sandbox and release its lease (which wakes the filler, or goes to a waiter)."""
         self._taking.add(sandbox_id)
         try:
             await self.sandboxes.destroy(sandbox_id, reason)
@@ -317,7 +321,7 @@ class WarmPool:
             log.error("warm_pool.destroy_failed", sandbox_id=sandbox_id, error=str(exc))
         finally:
             self._taking.discard(sandbox_id)
-            self.capacity.release()
+            lease.release()
 
     def _report(self) -> None:
         self.metrics.warm_pool_idle.set(len(self._idle))

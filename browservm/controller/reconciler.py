@@ -14,7 +14,8 @@ from datetime import UTC, datetime
 
 import structlog
 
-from browservm.controller.capacity import Capacity
+from browservm.controller.capacity import Capacity, Lease
+from browservm.controller.cli_vms import CliVmService
 from browservm.controller.metrics import Metrics
 from browservm.controller.pool import WarmPool
 from browservm.controller.sandboxes import SandboxService
@@ -34,6 +35,7 @@ class Reconciler:
         db: Database,
         sessions: SessionService,
         sandboxes: SandboxService,
+        cli_vms: CliVmService,
         capacity: Capacity,
         metrics: Metrics,
         pool: WarmPool | None = None,
@@ -43,6 +45,7 @@ class Reconciler:
         self.db = db
         self.sessions = sessions
         self.sandboxes = sandboxes
+        self.cli_vms = cli_vms
         self.capacity = capacity
         self.metrics = metrics
         self.pool = pool
@@ -52,6 +55,8 @@ class Reconciler:
         async with self.db.session() as db:
             unfinished = {s.id: s for s in await session_store.unfinished(db)}
             live = await sandbox_store.live(db)
+        leases: dict[str, Lease] = {}
+        """By session id: the slot of the session's sandbox, which still runs."""
         for record in live:
             owner = unfinished.get(record.session_id or "")
             if record.role == "browser" and owner is None:
@@ -64,7 +69,12 @@ class Reconciler:
                 await self._destroy(record.id, "gone when the controller started", "sandbox_gone")
                 continue
             if record.state in LIVE_SANDBOX:
-                self.capacity.take()
+                # It runs, so it holds a slot, even past the limit (a restart with a lower one).
+                lease = self.capacity.adopt()
+                if record.role == "cli":
+                    self.cli_vms.hold(record.id, lease)
+                elif owner is not None:
+                    leases[owner.id] = lease
         known = [record.id for record in live]
         for orphan in await self.sandboxes.backend.list_orphans(known):
             log.warning("reconcile.unknown_sandbox", sandbox_id=orphan)
@@ -77,7 +87,7 @@ class Reconciler:
             self.metrics.reconciles.labels("unknown_destroyed").inc()
         await self._reconcile_network()
         for session in unfinished.values():
-            self.sessions.launch(session.id)
+            self.sessions.launch(session.id, lease=leases.pop(session.id, None))
             self.metrics.reconciles.labels("session_resumed").inc()
         await self._keep_cli_vms()
         await self.refresh_gauges()

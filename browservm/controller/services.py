@@ -103,7 +103,14 @@ class Services:
         )
         sessions.pool = pool
         reconciler = Reconciler(
-            db, sessions, sandboxes, capacity, metrics, pool, interval_s=settings.reconcile_interval_s
+            db,
+            sessions,
+            sandboxes,
+            cli_vms,
+            capacity,
+            metrics,
+            pool,
+            interval_s=settings.reconcile_interval_s,
         )
         services = cls(
             settings=settings,

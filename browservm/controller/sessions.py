@@ -25,7 +25,7 @@ import structlog
 from pydantic import BaseModel
 
 from browservm import protocol
-from browservm.controller.capacity import Capacity
+from browservm.controller.capacity import Admission, Capacity, Lease
 from browservm.controller.egress import EgressService, EgressUnavailable, SessionEgress
 from browservm.controller.errors import ApiError, not_found
 from browservm.controller.metrics import Metrics
@@ -90,7 +90,7 @@ class SessionService:
     # ------------------------------------------------------------------ API-facing
 
     async def create(self, *, tenant: str, user_id: str, provider: str, options: dict[str, Any]) -> Session:
-        self.capacity.promise()
+        admission = self.capacity.admit()
         try:
             async with self.db.session() as db:
                 session = await session_store.create(
@@ -102,9 +102,9 @@ class SessionService:
                     options=options,
                 )
         except BaseException:
-            self.capacity.withdraw()
+            admission.withdraw()
             raise
-        self.launch(session.id, promised=True)
+        self.launch(session.id, admission=admission)
         return session
 
     async def cancel(self, session_id: str, tenant: str) -> Session:
@@ -138,10 +138,21 @@ class SessionService:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def launch(self, session_id: str, *, promised: bool = False) -> None:
+    def launch(
+        self, session_id: str, *, admission: Admission | None = None, lease: Lease | None = None
+    ) -> None:
+        """Drive the session: ``admission`` when the API just accepted it, ``lease`` when its sandbox is
+        adopted after a restart (the slot it holds); the flow gives both up however it ends."""
         if session_id in self._flows:
+            # Already driven, with its own lease: a second admission or lease would count it twice.
+            if admission is not None:
+                admission.withdraw()
+            if lease is not None:
+                lease.release()
             return
-        task = asyncio.create_task(self._run(session_id, promised=promised), name=f"session-{session_id}")
+        task = asyncio.create_task(
+            self._run(session_id, admission=admission, lease=lease), name=f"session-{session_id}"
+        )
         self._flows[session_id] = task
         task.add_done_callback(lambda _t: self._flows.pop(session_id, None))
 
@@ -167,15 +178,12 @@ class SessionService:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _run(self, session_id: str, *, promised: bool) -> None:
+    async def _run(self, session_id: str, *, admission: Admission | None, lease: Lease | None) -> None:
         structlog.contextvars.bind_contextvars(session_id=session_id)
-        holds_slot = False
         sandbox_id: str | None = None
         try:
             session = await self._load(session_id)
             if session is None or SessionStatus(session.status).terminal:
-                if promised:
-                    self.capacity.withdraw()
                 return
             if session.status == SessionStatus.PENDING:
                 # Before a sandbox or a slot is taken: a session whose proxy is down ends at once.
@@ -187,22 +195,19 @@ class SessionService:
                     )
                 if warm is not None:
                     sandbox_id = warm.sandbox_id  # destroyed with the session from here on
-                    if promised:
-                        self.capacity.withdraw()
-                        promised = False
+                    lease = warm.lease
                 else:
-                    await self.capacity.acquire(
-                        promised=promised,
+                    lease = await self.capacity.acquire(
+                        admission=admission,
                         key=session_id,
                         on_position=functools.partial(self._queued, session),
                     )
-                    promised = False
-                holds_slot = True
+                if admission is not None:
+                    admission.withdraw()
                 session = await self._transition(session_id, SessionStatus.STARTING)
                 channel, sandbox_id = await self._start_sandbox(session, warm)
             else:
-                # Adopting after a restart: the capacity slot was counted at start-up.
-                holds_slot = True
+                # Adopting after a restart: its lease (if its sandbox still ran) came from the reconciler.
                 sandbox_id = session.sandbox_id
                 channel = await self._adopt(session)
             self.session_channels[session_id] = channel
@@ -210,10 +215,8 @@ class SessionService:
         except SessionEnded:
             pass
         except asyncio.CancelledError:
-            if promised:
-                self.capacity.withdraw()
             if self._stopping:
-                holds_slot = False  # the sandbox stays up for adoption; so does its slot, in the next life
+                lease = None  # the sandbox stays up for adoption; so does its slot, in the next life
                 sandbox_id = None
                 return
             raise
@@ -222,6 +225,8 @@ class SessionService:
             with contextlib.suppress(IllegalTransition, LookupError):
                 await self._transition(session_id, SessionStatus.FAILED, _failure_reason(exc))
         finally:
+            if admission is not None:
+                admission.withdraw()
             self.session_channels.pop(session_id, None)
             self._egress.pop(session_id, None)
             try:
@@ -233,8 +238,8 @@ class SessionService:
                         await asyncio.shield(self.sandboxes.destroy(sandbox_id, "session ended"))
             finally:
                 # Released even if a second cancellation interrupts the clean-up above.
-                if holds_slot:
-                    self.capacity.release()
+                if lease is not None:
+                    lease.release()
             structlog.contextvars.unbind_contextvars("session_id")
 
     async def _start_sandbox(self, session: Session, warm: WarmSandbox | None) -> tuple[Channel, str]:
