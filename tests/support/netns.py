@@ -4,13 +4,20 @@ A sandbox's loopback is its own: a test that watches the sandbox's Chromium thro
 (``BROWSERVM_DEVTOOLS_DEBUG_PORT``) must connect from inside the sandbox's network namespace. A socket
 belongs to the namespace its thread was in when it was made, so :func:`in_netns` runs the work on a
 thread of its own that has entered the namespace (``setns``) and is never reused.
+
+Tests that build namespaces of their own (a loopback-only one, a host and a viewer joined by a veth)
+make and remove them with :func:`ip` and :func:`kill_namespace`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import os
+import signal
+import subprocess
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -54,3 +61,27 @@ async def in_netns(netns: str, work: Callable[[], Awaitable[T]]) -> T:
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"netns-{netns}") as pool:
         return await asyncio.get_running_loop().run_in_executor(pool, run)
+
+
+def ip(*args: str) -> None:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)} failed: {result.stderr.strip()}")
+
+
+def namespace_pids(namespace: str) -> list[int]:
+    result = subprocess.run(
+        ["ip", "netns", "pids", namespace], capture_output=True, text=True, timeout=10, check=False
+    )
+    return [int(pid) for pid in result.stdout.split()]
+
+
+def kill_namespace(namespace: str) -> None:
+    """SIGKILL every process in the namespace (sandboxes start their own sessions), then delete it."""
+    deadline = time.monotonic() + 10
+    while (pids := namespace_pids(namespace)) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    ip("netns", "del", namespace)

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.web.test_webrtc_e2e import ip, kill_namespace, namespace_pids
+from tests.support.netns import ip, kill_namespace, namespace_pids
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

@@ -9,7 +9,6 @@ The namespace and every process in it are removed afterwards, whatever happened.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
@@ -18,42 +17,19 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.support.netns import ip, kill_namespace, namespace_pids
+
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 DRIVER_TIMEOUT_S = 150
 EMAIL = "netns-e2e@example.test"
-
-
-def ip(*args: str) -> None:
-    result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)} failed: {result.stderr.strip()}")
-
-
-def namespace_pids(namespace: str) -> list[int]:
-    result = subprocess.run(
-        ["ip", "netns", "pids", namespace], capture_output=True, text=True, timeout=10, check=False
-    )
-    return [int(pid) for pid in result.stdout.split()]
-
-
-def kill_namespace(namespace: str) -> None:
-    """SIGKILL every process in the namespace (sandboxes start their own sessions), then delete it."""
-    deadline = time.monotonic() + 10
-    while (pids := namespace_pids(namespace)) and time.monotonic() < deadline:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.1)
-    ip("netns", "del", namespace)
 
 
 @pytest.fixture(scope="module")
