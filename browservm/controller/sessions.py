@@ -18,6 +18,7 @@ import contextlib
 import functools
 import json
 from collections.abc import Collection
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
@@ -53,6 +54,27 @@ session (expired) and destroy the sandbox first."""
 
 class SessionEnded(Exception):
     """The session reached an ending (its status is already written); the flow stops."""
+
+
+@dataclass
+class _Flow:
+    """What one session's flow holds, given back by :meth:`SessionService._wind_up`."""
+
+    admission: Admission | None
+    """While the API's acceptance still counts against the queue."""
+    lease: Lease | None
+    """The slot of its browser sandbox, once it has one."""
+    sandbox_id: str | None = None
+
+    def admitted(self) -> None:
+        """It holds a lease, or never will: it no longer counts as waiting."""
+        if self.admission is not None:
+            self.admission.withdraw()
+
+    def keep_for_adoption(self) -> None:
+        """The controller is stopping: the sandbox and its slot stay for the next start."""
+        self.lease = None
+        self.sandbox_id = None
 
 
 class SessionService:
@@ -179,45 +201,25 @@ class SessionService:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(self, session_id: str, *, admission: Admission | None, lease: Lease | None) -> None:
+        """One session's flow: the handler for the state it is found in brings its browser sandbox up (or
+        back), then its events drive it to an ending; :meth:`_wind_up` cleans up after any ending."""
         structlog.contextvars.bind_contextvars(session_id=session_id)
-        sandbox_id: str | None = None
+        flow = _Flow(admission, lease)
         try:
             session = await self._load(session_id)
             if session is None or SessionStatus(session.status).terminal:
                 return
             if session.status == SessionStatus.PENDING:
-                # Before a sandbox or a slot is taken: a session whose proxy is down ends at once.
-                self._egress[session_id] = await self._decide_egress(session)
-                warm = None
-                if self.pool is not None:
-                    warm = await self.pool.take(
-                        tenant=session.tenant, user_id=session.user_id, session_id=session_id
-                    )
-                if warm is not None:
-                    sandbox_id = warm.sandbox_id  # destroyed with the session from here on
-                    lease = warm.lease
-                else:
-                    lease = await self.capacity.acquire(
-                        admission=admission,
-                        key=session_id,
-                        on_position=functools.partial(self._queued, session),
-                    )
-                if admission is not None:
-                    admission.withdraw()
-                session = await self._transition(session_id, SessionStatus.STARTING)
-                channel, sandbox_id = await self._start_sandbox(session, warm)
+                session, channel = await self._from_pending(session, flow)
             else:
-                # Adopting after a restart: its lease (if its sandbox still ran) came from the reconciler.
-                sandbox_id = session.sandbox_id
-                channel = await self._adopt(session)
+                channel = await self._from_adopted(session, flow)
             self.session_channels[session_id] = channel
             await self._follow(session, channel)
         except SessionEnded:
             pass
         except asyncio.CancelledError:
             if self._stopping:
-                lease = None  # the sandbox stays up for adoption; so does its slot, in the next life
-                sandbox_id = None
+                flow.keep_for_adoption()
                 return
             raise
         except Exception as exc:
@@ -225,22 +227,53 @@ class SessionService:
             with contextlib.suppress(IllegalTransition, LookupError):
                 await self._transition(session_id, SessionStatus.FAILED, _failure_reason(exc))
         finally:
-            if admission is not None:
-                admission.withdraw()
-            self.session_channels.pop(session_id, None)
-            self._egress.pop(session_id, None)
-            try:
-                if sandbox_id is None and not self._stopping:
-                    with contextlib.suppress(Exception):
-                        sandbox_id = (await self._load(session_id) or Session()).sandbox_id
-                if sandbox_id is not None and not self._stopping:
-                    with contextlib.suppress(Exception):
-                        await asyncio.shield(self.sandboxes.destroy(sandbox_id, "session ended"))
-            finally:
-                # Released even if a second cancellation interrupts the clean-up above.
-                if lease is not None:
-                    lease.release()
+            await self._wind_up(session_id, flow)
             structlog.contextvars.unbind_contextvars("session_id")
+
+    async def _from_pending(self, session: Session, flow: _Flow) -> tuple[Session, Channel]:
+        """A new session: its egress decided, a slot (a warm sandbox's, or one waited for in line), then
+        ``starting`` and its sandbox configured. Returns the session as it now is."""
+        # Before a sandbox or a slot is taken: a session whose proxy is down ends at once.
+        self._egress[session.id] = await self._decide_egress(session)
+        warm = None
+        if self.pool is not None:
+            warm = await self.pool.take(tenant=session.tenant, user_id=session.user_id, session_id=session.id)
+        if warm is not None:
+            flow.sandbox_id = warm.sandbox_id  # destroyed with the session from here on
+            flow.lease = warm.lease
+        else:
+            flow.lease = await self.capacity.acquire(
+                admission=flow.admission, key=session.id, on_position=functools.partial(self._queued, session)
+            )
+        flow.admitted()
+        session = await self._transition(session.id, SessionStatus.STARTING)
+        channel, flow.sandbox_id = await self._start_sandbox(session, warm)
+        return session, channel
+
+    async def _from_adopted(self, session: Session, flow: _Flow) -> Channel:
+        """A session a previous controller drove (``starting`` or later): its sandbox, if it still runs,
+        reconnected (its lease, if any, came from the reconciler)."""
+        flow.sandbox_id = session.sandbox_id
+        return await self._adopt(session)
+
+    async def _wind_up(self, session_id: str, flow: _Flow) -> None:
+        """After any ending: the sandbox destroyed and its slot released (unless the controller is stopping,
+        when both stay for the next start to adopt)."""
+        flow.admitted()
+        self.session_channels.pop(session_id, None)
+        self._egress.pop(session_id, None)
+        try:
+            sandbox_id = flow.sandbox_id
+            if sandbox_id is None and not self._stopping:
+                with contextlib.suppress(Exception):
+                    sandbox_id = (await self._load(session_id) or Session()).sandbox_id
+            if sandbox_id is not None and not self._stopping:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.sandboxes.destroy(sandbox_id, "session ended"))
+        finally:
+            # Released even if a second cancellation interrupts the clean-up above.
+            if flow.lease is not None:
+                flow.lease.release()
 
     async def _start_sandbox(self, session: Session, warm: WarmSandbox | None) -> tuple[Channel, str]:
         """The session's browser sandbox, configured: the warm one given (falling back to a new one if it
