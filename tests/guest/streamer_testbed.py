@@ -89,8 +89,18 @@ class Channel:
 
     @classmethod
     async def open(cls, socket: Path) -> Channel:
-        reader, writer = await asyncio.open_unix_connection(str(socket))
-        return cls(reader, writer)
+        # The socket's file appears at bind(), a moment before listen(): refused until then, as the agent
+        # finds it too (guest/streamer_link.py retries the same way).
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(str(socket))
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+            else:
+                return cls(reader, writer)
 
     async def request(self, message: protocol.Request[ResultT]) -> ResultT:
         return await self.peer.request(message, timeout_s=15)
