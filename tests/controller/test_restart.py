@@ -7,6 +7,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import psutil
 import pytest
 from sqlalchemy import update
 
+from browservm.sandbox.image import ImageStore
 from browservm.settings import Settings
 from browservm.store.database import Database
 from browservm.store.models import Sandbox
@@ -88,8 +90,11 @@ def serve(tmp_path: Path, database_url: str) -> Iterator[ServeProcess]:
     finally:
         if process.process is not None and process.process.poll() is None:
             process.terminate()
+        backend = env.get("BROWSERVM_BACKEND", "process")  # a test may have made it qemu
         asyncio.run(
-            remove_everything(Settings(state_dir=state_dir, sandbox_subnet=env["BROWSERVM_SANDBOX_SUBNET"]))
+            remove_everything(
+                Settings(state_dir=state_dir, sandbox_subnet=env["BROWSERVM_SANDBOX_SUBNET"], backend=backend)
+            )
         )
 
 
@@ -274,3 +279,74 @@ def test_a_cli_vm_outlives_a_restart_and_ends_itself_when_no_controller_comes(se
 
     assert serve.terminate() in (0, -signal.SIGTERM)
     _wait_for(lambda: not _sandbox_processes(vm.sandbox_id), 20, "the CLI VM outlived its idle timeout")
+
+
+def _qemu_vms(state_dir: Path) -> dict[str, int]:
+    """The QEMU processes of this controller's VMs: pid by the VM's directory (QEMU runs in it)."""
+    found = {}
+    for proc in psutil.process_iter(["name", "cwd"]):
+        if (proc.info["name"] or "").startswith("qemu") and str(state_dir) in (proc.info["cwd"] or ""):
+            found[Path(proc.info["cwd"]).name] = proc.pid
+    return found
+
+
+def _netns() -> str:
+    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_kill_9_with_qemu_vms_adopts_the_cli_vm_and_removes_the_rest(serve: ServeProcess) -> None:
+    """A killed controller's QEMU VMs: the CLI VM is adopted with its files; the warm VM, its directory,
+    TAP and namespace, and the pool's snapshot are removed."""
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
+    if not serve.env["BROWSERVM_DATABASE_URL"].startswith("sqlite"):
+        pytest.skip("one database is enough: the VMs are the subject (the store's part runs on both above)")
+    image = ImageStore(Path(os.environ["BROWSERVM_IMAGE_DIR"])).current("browser")
+    assert image is not None, "no browser image: scripts/test.sh builds it"
+    serve.env.update(
+        BROWSERVM_BACKEND="qemu",
+        BROWSERVM_VM_KERNEL=str(image.vmlinux),
+        BROWSERVM_VM_ROOTFS=str(image.rootfs),
+        BROWSERVM_VM_INITRD=str(image.initramfs),
+        BROWSERVM_CLI_MEMORY_MIB="512",
+        BROWSERVM_WARM_POOL_SIZE="1",
+        BROWSERVM_MAX_SANDBOXES="3",
+        BROWSERVM_SANDBOX_BOOT_TIMEOUT_S="900",
+        BROWSERVM_DEVTOOLS_DEBUG_PORT="false",
+    )
+    state_dir, database_url = Path(serve.env["BROWSERVM_STATE_DIR"]), serve.env["BROWSERVM_DATABASE_URL"]
+    snapshots = state_dir / "qemu-snapshots"
+    key = _key(serve.env)
+    serve.start()
+    client = Client(key, base_url=serve.url, timeout=900)
+    cli_vm = client.cli_vms.create("alice").sandbox_id
+    assert client.cli_vms.exec("alice", ["sh", "-c", "echo kept > note.txt"]).exit_code == 0
+    (warm,) = asyncio.run(wait_warm(database_url, timeout_s=900))
+    saved = set(os.listdir(snapshots))
+    assert saved, "the pool's warm VM was restored from a snapshot"
+    assert set(_qemu_vms(state_dir)) == {cli_vm, warm}
+
+    serve.kill9()
+    assert set(_qemu_vms(state_dir)) == {cli_vm, warm}, "the VMs outlive their controller"
+    serve.start()
+
+    # The CLI VM is adopted, not replaced: the same VM, with the file written before the kill.
+    assert client.cli_vms.get("alice").sandbox_id == cli_vm
+    kept = client.cli_vms.exec("alice", ["cat", "note.txt"])
+    assert (kept.exit_code, "".join(chunk.data for chunk in kept.output)) == (0, "kept\n")
+    # The warm VM belonged to no session: destroyed with all it held, and its snapshot pruned.
+    assert warm in asyncio.run(sandboxes_in(database_url, "destroyed"))
+    assert warm not in _qemu_vms(state_dir)
+    assert not (state_dir / "qemu" / warm).exists()
+    assert warm not in _netns()
+    # The new pool prunes what the last one saved before it boots the VM it will save (not waited for:
+    # booting and preparing a browser VM under TCG is a minute; the shutdown below ends it).
+    _wait_for(lambda: saved.isdisjoint(os.listdir(snapshots)), 30, "the killed controller's snapshot is gone")
+    assert cli_vm in _qemu_vms(state_dir)
+
+    client.cli_vms.delete("alice")
+    assert serve.terminate() in (0, -signal.SIGTERM)
+    assert set(_qemu_vms(state_dir)) == set(), "the warm VM goes at shutdown, the CLI VM at delete"
+    assert cli_vm not in _netns()
