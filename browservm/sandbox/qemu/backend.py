@@ -13,10 +13,10 @@ What the guest needs to know arrives on its kernel command line, never by editin
 ``browservm.overlay`` and ``browservm.env`` (base64url JSON of the agent's extra environment).
 Per-session settings travel over the channel after boot.
 
-``handle.runtime`` holds the directory, pid and start time, uid, accelerator, image files and network,
-and whether the VM is hibernated: enough to probe, adopt, resume and destroy it after a restart. A copy
-of what destroy needs is kept in the directory (``sandbox.json``), so an orphan found by its directory
-alone is removed whole.
+``handle.runtime`` is a :class:`~.runtime.QemuRuntime`: the directory, pid and start time, network and
+machine (image files, command line, size, accelerator, uid), and whether the VM is hibernated: enough to
+probe, adopt, resume and destroy it after a restart. A copy is kept in the directory (``sandbox.json``),
+so an orphan found by its directory alone is removed whole.
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import structlog
+from pydantic import ValidationError
 
 from browservm import protocol
 from browservm.sandbox.base import (
@@ -63,6 +64,7 @@ from browservm.sandbox.qemu.machine import (
     processes_in,
     processes_under,
 )
+from browservm.sandbox.qemu.runtime import QemuRuntime
 from browservm.sandbox.vm_network import VmNetwork, attach_tap, detach_tap
 from browservm.settings import Settings, SettingsError
 
@@ -186,25 +188,28 @@ class QemuBackend(SandboxBackend):
             )
         return VmFiles(self.sandboxes_dir / sandbox_id)
 
-    def _files_of(self, handle: SandboxHandle) -> VmFiles:
-        directory = handle.runtime.get("dir")
-        return VmFiles(Path(directory)) if directory else self._files(handle.sandbox_id)
-
     def _vm(self, handle: SandboxHandle) -> QemuVM:
-        vm = self._vms.get(handle.sandbox_id)
-        runtime = handle.runtime
-        if vm is not None and vm.pid == runtime.get("pid"):
+        if not handle.recorded:
+            return self._found_vm(handle.sandbox_id, self._files(handle.sandbox_id))
+        return self._vm_of(handle.sandbox_id, handle.runtime_as(QemuRuntime))
+
+    def _vm_of(self, sandbox_id: str, runtime: QemuRuntime) -> QemuVM:
+        vm = self._vms.get(sandbox_id)
+        if vm is not None and vm.pid == runtime.pid:
             return vm
-        pid, start_time = runtime.get("pid"), runtime.get("start_time")
-        files = self._files_of(handle)
-        if pid is None and not runtime and files.pidfile.exists():
-            # An orphan known by its directory alone: its pid file, checked against where it runs.
-            with contextlib.suppress(ValueError, OSError):
-                found = int(files.pidfile.read_text().strip())
-                for process in processes_in(files.dir):
-                    if process.pid == found:
-                        pid, start_time = found, process.create_time()
-        return QemuVM(handle.sandbox_id, files, qemu=self.qemu, pid=pid, start_time=start_time)
+        return QemuVM(
+            sandbox_id, runtime.files, qemu=self.qemu, pid=runtime.pid, start_time=runtime.start_time
+        )
+
+    def _found_vm(self, sandbox_id: str, files: VmFiles) -> QemuVM:
+        """A VM known by its directory alone: its pid file, checked against where it runs."""
+        pid, start_time = None, None
+        with contextlib.suppress(ValueError, OSError):
+            found = int(files.pidfile.read_text().strip())
+            for process in processes_in(files.dir):
+                if process.pid == found:
+                    pid, start_time = found, process.create_time()
+        return QemuVM(sandbox_id, files, qemu=self.qemu, pid=pid, start_time=start_time)
 
     def seccomp(self) -> bool:
         if self._seccomp is None:
@@ -249,35 +254,10 @@ class QemuBackend(SandboxBackend):
             pass
         return uid
 
-    def _config_of(self, handle: SandboxHandle) -> VmConfig:
-        """The machine a hibernated VM was: the same image files, cmdline, size and accelerator."""
-        return _config_from(handle.sandbox_id, handle.runtime)
-
-    def _runtime(
-        self, files: VmFiles, config: VmConfig, vm: QemuVM | None, *, hibernated: bool = False
-    ) -> dict[str, Any]:
-        return {
-            "dir": str(files.dir),
-            "pid": vm.pid if vm else None,
-            "start_time": vm.start_time if vm else None,
-            "channel": str(files.channel),
-            "network": dataclasses.asdict(config.network) if config.network else None,
-            "config": {
-                "kernel": str(config.image.kernel),
-                "rootfs": str(config.image.rootfs),
-                "initrd": str(config.image.initrd) if config.image.initrd else None,
-                "cmdline": config.cmdline,
-                "vcpus": config.vcpus,
-                "memory_mib": config.memory_mib,
-                "accel": config.accel,
-                "uid": config.uid,
-                "groups": list(config.groups),
-                "seccomp": config.seccomp,
-                "host_port": config.host_port,
-                "nic_mac": config.nic_mac,
-            },
-            "hibernated": hibernated,
-        }
+    def _record(self, of: SandboxSpec | SandboxHandle, files: VmFiles, runtime: QemuRuntime) -> SandboxHandle:
+        """The handle of ``runtime``, its copy written to the VM's directory (``sandbox.json``)."""
+        files.record.write_text(runtime.model_dump_json())
+        return SandboxHandle.of(of.sandbox_id, self.name, of.role, runtime)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -319,8 +299,7 @@ class QemuBackend(SandboxBackend):
             seccomp=await asyncio.to_thread(self.seccomp),
             host_port=True,
         )
-        handle = SandboxHandle(spec.sandbox_id, self.name, spec.role, self._runtime(files, config, None))
-        files.record.write_text(json.dumps(handle.runtime))
+        handle = self._record(spec, files, QemuRuntime.of(files, config, None))
         started = time.monotonic()
         try:
             await create_overlay(files.overlay, spec.resources.disk_mib, owner=uid)
@@ -329,8 +308,7 @@ class QemuBackend(SandboxBackend):
             vm = QemuVM(spec.sandbox_id, files, qemu=self.qemu)
             self._vms[spec.sandbox_id] = vm
             await vm.launch(config, ready_s=LAUNCH_READY_S)
-            handle = SandboxHandle(spec.sandbox_id, self.name, spec.role, self._runtime(files, config, vm))
-            files.record.write_text(json.dumps(handle.runtime))
+            handle = self._record(spec, files, QemuRuntime.of(files, config, vm))
         except BaseException as exc:
             detail = files.logs_tail()
             await self.destroy(handle)
@@ -437,31 +415,47 @@ class QemuBackend(SandboxBackend):
             ) from exc
 
     async def destroy(self, handle: SandboxHandle) -> None:
-        files = self._files_of(handle)
-        runtime: dict[str, Any] = dict(handle.runtime)
-        if not runtime.get("network") and files.record.is_file():
-            with contextlib.suppress(OSError, ValueError):
-                runtime = {**json.loads(files.record.read_text()), **{k: v for k, v in runtime.items() if v}}
-        vm = self._vm(SandboxHandle(handle.sandbox_id, self.name, handle.role, runtime))
+        if not handle.recorded:
+            await self.destroy_orphan(handle.sandbox_id)
+            return
+        runtime = handle.runtime_as(QemuRuntime)
+        await self._remove(
+            handle.sandbox_id, runtime.files, self._vm_of(handle.sandbox_id, runtime), runtime.network
+        )
+
+    async def destroy_orphan(self, sandbox_id: str) -> None:
+        """From its directory: the record kept there (``sandbox.json``: QEMU's pid, the TAP's
+        namespace), else QEMU's pid file; and any QEMU running in it."""
+        files = self._files(sandbox_id)
+        recorded = None
+        with contextlib.suppress(OSError, ValidationError):
+            recorded = QemuRuntime.model_validate_json(files.record.read_text())
+        if recorded is not None and recorded.pid is not None:
+            vm = self._vm_of(sandbox_id, recorded)
+        else:
+            vm = self._found_vm(sandbox_id, files)
+        await self._remove(sandbox_id, files, vm, recorded.network if recorded else None)
+
+    async def _remove(self, sandbox_id: str, files: VmFiles, vm: QemuVM, network: VmNetwork | None) -> None:
         await vm.kill()
         # A QEMU started but not yet recorded (a crash between the two) is found by where it runs.
         for stray in await asyncio.to_thread(processes_in, files.dir):
             with contextlib.suppress(Exception):
                 await QemuVM(
-                    handle.sandbox_id, files, qemu=self.qemu, pid=stray.pid, start_time=stray.create_time()
+                    sandbox_id, files, qemu=self.qemu, pid=stray.pid, start_time=stray.create_time()
                 ).kill()
-        self._vms.pop(handle.sandbox_id, None)
-        network = runtime.get("network")
-        if network:
-            await detach_tap(handle.sandbox_id, network["netns"], network.get("tap", "tap0"))
+        self._vms.pop(sandbox_id, None)
+        if network is not None:
+            await detach_tap(sandbox_id, network.netns, network.tap)
         await asyncio.to_thread(shutil.rmtree, files.dir, ignore_errors=True)
-        log.info("sandbox.destroyed", sandbox_id=handle.sandbox_id, backend=self.name)
+        log.info("sandbox.destroyed", sandbox_id=sandbox_id, backend=self.name)
 
     async def probe(self, handle: SandboxHandle) -> Liveness:
         vm = self._vm(handle)
         if vm.alive():
             return Liveness.ALIVE
-        if handle.runtime.get("hibernated") and vm.files.snapshot.is_file():
+        hibernated = handle.recorded and handle.runtime_as(QemuRuntime).hibernated
+        if hibernated and vm.files.snapshot.is_file():
             return Liveness.HIBERNATED
         return Liveness.GONE
 
@@ -481,11 +475,10 @@ class QemuBackend(SandboxBackend):
                 handle.sandbox_id, f"cannot save the VM's state: {exc}", detail=vm.files.logs_tail()
             ) from exc
         self._vms.pop(handle.sandbox_id, None)
-        config = self._config_of(handle)
+        config = handle.runtime_as(QemuRuntime).machine(handle.sandbox_id)
         if config.network is not None:
             await detach_tap(handle.sandbox_id, config.network.netns, config.network.tap)
-        runtime = self._runtime(vm.files, config, None, hibernated=True)
-        vm.files.record.write_text(json.dumps(runtime))
+        asleep = self._record(handle, vm.files, QemuRuntime.of(vm.files, config, None, hibernated=True))
         log.info(
             "sandbox.hibernated",
             sandbox_id=handle.sandbox_id,
@@ -493,16 +486,17 @@ class QemuBackend(SandboxBackend):
             snapshot_mib=round(vm.files.snapshot.stat().st_size / 2**20, 1),
             after_s=round(time.monotonic() - started, 3),
         )
-        return SandboxHandle(handle.sandbox_id, self.name, handle.role, runtime)
+        return asleep
 
     async def resume(self, handle: SandboxHandle) -> SandboxHandle:
         vm = self._vm(handle)
         if vm.alive():
             return handle
         files = vm.files
-        if not (handle.runtime.get("hibernated") and files.snapshot.is_file()):
+        runtime = handle.runtime_as(QemuRuntime)
+        if not (runtime.hibernated and files.snapshot.is_file()):
             raise SandboxError(handle.sandbox_id, f"{files.dir} holds no snapshot to resume")
-        config = self._config_of(handle)
+        config = runtime.machine(handle.sandbox_id)
         missing = [str(p) for p in (config.image.kernel, config.image.rootfs) if not p.is_file()]
         if missing:
             raise SandboxError(
@@ -529,8 +523,7 @@ class QemuBackend(SandboxBackend):
                 raise SandboxError(handle.sandbox_id, f"cannot resume the VM: {exc}", detail=detail) from exc
             raise
         files.snapshot.unlink()
-        runtime = self._runtime(files, config, vm)
-        files.record.write_text(json.dumps(runtime))
+        awake = self._record(handle, files, QemuRuntime.of(files, config, vm))
         if config.host_port:
             try:  # its clock stopped while it slept
                 await vm.tell_guest(_rebirth(None, None), IDENTITY_TIMEOUT_S)
@@ -542,7 +535,7 @@ class QemuBackend(SandboxBackend):
             backend=self.name,
             after_s=round(time.monotonic() - started, 3),
         )
-        return SandboxHandle(handle.sandbox_id, self.name, handle.role, runtime)
+        return awake
 
     # ------------------------------------------------------------------ snapshots
 
@@ -552,7 +545,7 @@ class QemuBackend(SandboxBackend):
         vm = self._vm(handle)
         if not vm.alive():
             raise SandboxError(handle.sandbox_id, "the VM is not running", detail=vm.files.logs_tail())
-        config = self._config_of(handle)
+        config = handle.runtime_as(QemuRuntime).machine(handle.sandbox_id)
         if not config.host_port:
             raise SandboxUnsupported(
                 handle.sandbox_id, "this VM was started without the host port a restored clone needs"
@@ -566,8 +559,10 @@ class QemuBackend(SandboxBackend):
             # The disk exactly as the saved memory knows it: clones start from copies of it.
             await asyncio.to_thread(os.replace, vm.files.overlay, directory / "overlay.ext4")
             os.chown(directory / "overlay.ext4", 0, 0)
-            runtime = {**self._runtime(vm.files, config, None, hibernated=True), "dir": str(directory)}
-            (directory / "snapshot.json").write_text(json.dumps(runtime))
+            saved = QemuRuntime.of(vm.files, config, None, hibernated=True).model_copy(
+                update={"dir": directory}
+            )
+            (directory / "snapshot.json").write_text(saved.model_dump_json())
         except BaseException as exc:
             await asyncio.to_thread(shutil.rmtree, directory, ignore_errors=True)
             await self.destroy(handle)
@@ -577,7 +572,7 @@ class QemuBackend(SandboxBackend):
                 ) from exc
             raise
         await self.destroy(handle)
-        snapshot = SandboxSnapshot(handle.sandbox_id, self.name, handle.role, runtime)
+        snapshot = SandboxSnapshot.of(handle.sandbox_id, self.name, handle.role, saved)
         log.info(
             "qemu.snapshot_taken",
             snapshot_id=snapshot.snapshot_id,
@@ -590,8 +585,9 @@ class QemuBackend(SandboxBackend):
         """A clone: its own directory, uid, overlay (a copy of the snapshot's: a reflink where the file
         system has them, else the written blocks only) and TAP; QEMU loads the saved machine, then the
         guest's root helper takes the spec's id, address, the time and fresh entropy."""
-        source = Path(str(snapshot.runtime["dir"]))
-        template = _config_from(snapshot.snapshot_id, snapshot.runtime)
+        saved = snapshot.runtime_as(QemuRuntime)
+        source = saved.dir
+        template = saved.machine(snapshot.snapshot_id)
         files = self._files(spec.sandbox_id)
         if files.dir.exists():
             raise SandboxError(spec.sandbox_id, f"{files.dir} already exists: destroy that sandbox first")
@@ -618,8 +614,7 @@ class QemuBackend(SandboxBackend):
             uid=uid,
             groups=self._groups(template.accel),
         )
-        handle = SandboxHandle(spec.sandbox_id, self.name, spec.role, self._runtime(files, config, None))
-        files.record.write_text(json.dumps(handle.runtime))
+        handle = self._record(spec, files, QemuRuntime.of(files, config, None))
         started = time.monotonic()
         try:
             await _copy_disk(source / "overlay.ext4", files.overlay, owner=uid)
@@ -628,8 +623,7 @@ class QemuBackend(SandboxBackend):
             vm = QemuVM(spec.sandbox_id, files, qemu=self.qemu)
             self._vms[spec.sandbox_id] = vm
             await vm.launch(config, incoming=source / "vmstate", ready_s=LAUNCH_READY_S)
-            handle = SandboxHandle(spec.sandbox_id, self.name, spec.role, self._runtime(files, config, vm))
-            files.record.write_text(json.dumps(handle.runtime))
+            handle = self._record(spec, files, QemuRuntime.of(files, config, vm))
             await vm.wait_running(RESTORE_TIMEOUT_S)
             loaded = time.monotonic()
             await vm.tell_guest(_rebirth(spec.sandbox_id, network), IDENTITY_TIMEOUT_S)
@@ -695,30 +689,6 @@ class QemuBackend(SandboxBackend):
     async def close(self) -> None:
         # The VMs keep running (a restarted controller adopts them); only their reaping stops here.
         self._vms.clear()
-
-
-def _config_from(sandbox_id: str, runtime: Mapping[str, Any]) -> VmConfig:
-    """The machine a runtime record describes (a hibernated VM's, or a snapshot's)."""
-    saved = runtime["config"]
-    network = runtime.get("network")
-    return VmConfig(
-        sandbox_id=sandbox_id,
-        image=VmImage(
-            Path(saved["kernel"]),
-            Path(saved["rootfs"]),
-            Path(saved["initrd"]) if saved["initrd"] else None,
-        ),
-        cmdline=saved["cmdline"],
-        vcpus=saved["vcpus"],
-        memory_mib=saved["memory_mib"],
-        accel=saved["accel"],
-        network=VmNetwork(**{**network, "dns": tuple(network["dns"])}) if network else None,
-        uid=saved["uid"],
-        groups=tuple(saved.get("groups", ())),
-        seccomp=saved.get("seccomp", True),
-        host_port=saved.get("host_port", False),
-        nic_mac=saved.get("nic_mac"),
-    )
 
 
 def _rebirth(sandbox_id: str | None, network: VmNetwork | None) -> dict[str, Any]:
