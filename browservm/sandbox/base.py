@@ -27,7 +27,10 @@ address, clock and reseeded random generator (the guest's root helper sets those
 typed model per backend (a :class:`RuntimeRecord`), kept in the handle in its JSON form, which the
 controller stores in the database. Backends read it only as their model (:meth:`SandboxHandle.runtime_as`);
 after a restart their :meth:`SandboxBackend.probe` and :meth:`SandboxBackend.destroy` must work from it
-alone. That is how the reconciler adopts what still runs and cleans up what does not.
+alone. That is how the reconciler adopts what still runs and cleans up what does not. A sandbox of which
+no record survived (a crash before it was stored, or a record lost) is destroyed from its id alone, by
+what the backend finds of it on the host (:meth:`SandboxBackend.destroy_orphan`); so is one whose record
+is empty.
 """
 
 from __future__ import annotations
@@ -215,6 +218,12 @@ class SandboxBackend(abc.ABC):
         """Stop the guest and free every resource. Idempotent; never raises for an already-gone sandbox."""
 
     @abc.abstractmethod
+    async def destroy_orphan(self, sandbox_id: str) -> None:
+        """Destroy a sandbox known by its id alone (one :meth:`list_orphans` found, or whose handle has
+        no record): everything the backend finds of it on the host goes. Idempotent, like
+        :meth:`destroy`."""
+
+    @abc.abstractmethod
     async def probe(self, handle: SandboxHandle) -> Liveness:
         """Is it still there? Works from ``handle.runtime`` alone, after a controller restart."""
 
@@ -249,7 +258,8 @@ class SandboxBackend(abc.ABC):
         return []
 
     async def list_orphans(self, known: Sequence[str]) -> list[str]:
-        """Sandbox ids this backend finds running on the host that are not in ``known``."""
+        """Sandbox ids this backend finds on the host that are not in ``known`` (for
+        :meth:`destroy_orphan`)."""
         return []
 
     async def readiness(self) -> BackendReadiness:
