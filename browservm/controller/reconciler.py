@@ -9,7 +9,6 @@ are ended, leaked sandboxes destroyed, gauges refreshed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from datetime import UTC, datetime
 
 import structlog
@@ -20,7 +19,7 @@ from browservm.controller.metrics import Metrics
 from browservm.controller.pool import WarmPool
 from browservm.controller.sandboxes import SandboxService
 from browservm.controller.sessions import SessionService
-from browservm.sandbox.base import Liveness, SandboxHandle
+from browservm.sandbox.base import Liveness
 from browservm.store import sandboxes as sandbox_store
 from browservm.store import sessions as session_store
 from browservm.store.database import Database
@@ -76,14 +75,9 @@ class Reconciler:
                 elif owner is not None:
                     leases[owner.id] = lease
         known = [record.id for record in live]
-        for orphan in await self.sandboxes.backend.list_orphans(known):
+        for orphan in await self.sandboxes.list_orphans(known):
             log.warning("reconcile.unknown_sandbox", sandbox_id=orphan)
-            with contextlib.suppress(Exception):
-                await self.sandboxes.backend.destroy(
-                    SandboxHandle(
-                        sandbox_id=orphan, backend=self.sandboxes.backend.name, role="browser", runtime={}
-                    )
-                )
+            await self.sandboxes.destroy_orphan(orphan)
             self.metrics.reconciles.labels("unknown_destroyed").inc()
         await self._reconcile_network()
         for session in unfinished.values():

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import ipaddress
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -232,6 +232,19 @@ class SandboxService:
         finally:
             if not lock.locked():
                 self._destroy_locks.pop(sandbox_id, None)
+
+    async def list_orphans(self, known: Sequence[str]) -> list[str]:
+        """Sandboxes the backend finds on the host that are not in ``known`` (the store's live ones)."""
+        return await self.backend.list_orphans(known)
+
+    async def destroy_orphan(self, sandbox_id: str) -> None:
+        """Destroy a sandbox the store has no record of, from its id alone (its network, if it had one,
+        goes with :meth:`reconcile_network`). A failure is logged, never raised: the next start tries
+        again."""
+        try:
+            await self.backend.destroy_orphan(sandbox_id)
+        except Exception as exc:
+            log.error("sandbox.orphan_destroy_failed", sandbox_id=sandbox_id, error=str(exc))
 
     async def _destroy(self, sandbox_id: str, reason: str) -> None:
         record = await self.get(sandbox_id)

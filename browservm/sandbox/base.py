@@ -23,10 +23,14 @@ booted and prepared once, saved, and every warm sandbox after it is a restored c
 address, clock and reseeded random generator (the guest's root helper sets those; see
 ``browservm.guest.identity``).
 
-``handle.runtime`` is the backend's own JSON-serialisable record of what it created (pids, paths, TAP
-names, VM ids). The controller stores it in the database; after a restart the backend's
-:meth:`SandboxBackend.probe` and :meth:`SandboxBackend.destroy` must work from it alone. That is how the
-reconciler adopts what still runs and cleans up what does not.
+``handle.runtime`` is the backend's own record of what it created (pids, paths, TAP names, VM ids): a
+typed model per backend (a :class:`RuntimeRecord`), kept in the handle in its JSON form, which the
+controller stores in the database. Backends read it only as their model (:meth:`SandboxHandle.runtime_as`);
+after a restart their :meth:`SandboxBackend.probe` and :meth:`SandboxBackend.destroy` must work from it
+alone. That is how the reconciler adopts what still runs and cleans up what does not. A sandbox of which
+no record survived (a crash before it was stored, or a record lost) is destroyed from its id alone, by
+what the backend finds of it on the host (:meth:`SandboxBackend.destroy_orphan`); so is one whose record
+is empty.
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ import abc
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 if TYPE_CHECKING:
     from browservm.sandbox.channel import Channel
@@ -95,13 +101,53 @@ class SandboxSpec:
     """Extra environment for the guest agent (never secrets: those travel over the channel)."""
 
 
+class RuntimeRecord(BaseModel):
+    """What a backend records of a sandbox or snapshot it made; each backend defines its own.
+
+    Keys an earlier controller wrote and this one no longer reads are ignored, and fields added since
+    have defaults: the database holds records written by every controller version that ran."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    def record(self) -> dict[str, Any]:
+        """The JSON form, as the handle keeps it and the store saves it."""
+        return self.model_dump(mode="json")
+
+
+R = TypeVar("R", bound=RuntimeRecord)
+
+
+def _read_runtime(owner: str, runtime: Mapping[str, Any], model: type[R]) -> R:
+    if not runtime:
+        raise SandboxError(owner, "the backend recorded nothing of it (destroy it by its id alone)")
+    try:
+        return model.model_validate(runtime)
+    except ValidationError as exc:
+        raise SandboxError(owner, f"its runtime record is not a {model.__name__}: {exc}") from exc
+
+
 @dataclass(frozen=True, slots=True)
 class SandboxHandle:
     sandbox_id: str
     backend: str
     role: Role
     runtime: Mapping[str, Any]
-    """Backend-private, JSON-serialisable; enough to probe and destroy after a controller restart."""
+    """The backend's :class:`RuntimeRecord` in its JSON form; enough to probe and destroy after a
+    controller restart. Empty for a sandbox whose create never returned."""
+
+    @classmethod
+    def of(cls, sandbox_id: str, backend: str, role: Role, runtime: RuntimeRecord) -> Self:
+        return cls(sandbox_id, backend, role, runtime.record())
+
+    @property
+    def recorded(self) -> bool:
+        """Whether the backend recorded anything of it (not so when the controller stored the sandbox
+        and crashed before its create returned)."""
+        return bool(self.runtime)
+
+    def runtime_as(self, model: type[R]) -> R:
+        """The record as the backend's model; :class:`SandboxError` if there is none or it is not one."""
+        return _read_runtime(self.sandbox_id, self.runtime, model)
 
 
 class SandboxError(Exception):
@@ -134,7 +180,15 @@ class SandboxSnapshot:
     backend: str
     role: Role
     runtime: Mapping[str, Any]
-    """Backend-private, JSON-serialisable: where the saved state is and the machine it needs."""
+    """The backend's :class:`RuntimeRecord` in its JSON form: where the saved state is and the machine
+    it needs."""
+
+    @classmethod
+    def of(cls, snapshot_id: str, backend: str, role: Role, runtime: RuntimeRecord) -> Self:
+        return cls(snapshot_id, backend, role, runtime.record())
+
+    def runtime_as(self, model: type[R]) -> R:
+        return _read_runtime(self.snapshot_id, self.runtime, model)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +216,12 @@ class SandboxBackend(abc.ABC):
     @abc.abstractmethod
     async def destroy(self, handle: SandboxHandle) -> None:
         """Stop the guest and free every resource. Idempotent; never raises for an already-gone sandbox."""
+
+    @abc.abstractmethod
+    async def destroy_orphan(self, sandbox_id: str) -> None:
+        """Destroy a sandbox known by its id alone (one :meth:`list_orphans` found, or whose handle has
+        no record): everything the backend finds of it on the host goes. Idempotent, like
+        :meth:`destroy`."""
 
     @abc.abstractmethod
     async def probe(self, handle: SandboxHandle) -> Liveness:
@@ -198,7 +258,8 @@ class SandboxBackend(abc.ABC):
         return []
 
     async def list_orphans(self, known: Sequence[str]) -> list[str]:
-        """Sandbox ids this backend finds running on the host that are not in ``known``."""
+        """Sandbox ids this backend finds on the host that are not in ``known`` (for
+        :meth:`destroy_orphan`)."""
         return []
 
     async def readiness(self) -> BackendReadiness:

@@ -4,8 +4,9 @@ Each sandbox owns ``state_dir/sandboxes/<id>/`` (root's): ``home/`` (the user's 
 inside) and ``run/`` (``/run/browservm`` inside: the channel socket ``agent.sock``, ``agent.log``,
 service logs, the browser profile), both owned by the sandbox's own host user, and ``etc/`` (its
 ``passwd``, ``hostname``...). The agent starts in a session of its own, so it outlives a controller
-crash; a restarted controller rebuilds the handle from ``runtime`` and adopts it (:meth:`probe`,
-:meth:`connect`).
+crash; a restarted controller rebuilds the handle from its record (:class:`ProcessRuntime`: the
+directory, the top process's pid and start time, the uid, the limits, whether it has a cgroup, its
+network namespace and image) and adopts it (:meth:`probe`, :meth:`connect`).
 
 Confinement (what a guest gets, measured by ``tests/sandbox/test_isolation.py`` from inside):
 
@@ -53,6 +54,7 @@ from browservm.sandbox.base import (
     NetworkSpec,
     Resources,
     Role,
+    RuntimeRecord,
     SandboxBackend,
     SandboxBootTimeout,
     SandboxError,
@@ -86,6 +88,26 @@ def _tail(path: Path, size: int = LOG_TAIL_BYTES) -> str:
             return file.read().decode(errors="replace")
     except FileNotFoundError:
         return f"({path} does not exist)"
+
+
+class ProcessRuntime(RuntimeRecord):
+    """What the process backend records of a sandbox (its ``handle.runtime``)."""
+
+    dir: Path
+    socket: Path
+    """The agent's channel socket."""
+    pid: int | None = None
+    """The process the backend started (bubblewrap's monitor); ``None`` while hibernated."""
+    start_time: float | None = None
+    """``pid``'s start time, so a reused pid is never taken for it."""
+    uid: int | None = None
+    """The sandbox's host user (records from before sandboxes had one of their own have none)."""
+    resources: Resources = Resources()
+    cgroup: bool = False
+    """Whether its processes are in a cgroup of their own (found there, not by pid)."""
+    netns: str | None = None
+    image: Path | None = None
+    """The image tree it runs."""
 
 
 class ProcessBackend(SandboxBackend):
@@ -217,9 +239,7 @@ class ProcessBackend(SandboxBackend):
                 spec.env,
             )
         except BaseException:
-            await self.destroy(
-                SandboxHandle(spec.sandbox_id, self.name, spec.role, {"dir": str(sandbox_dir)})
-            )
+            await self.destroy_orphan(spec.sandbox_id)
             raise
 
     def _prepare_dir(self, sandbox_id: str, sandbox_dir: Path, network: NetworkSpec) -> int:
@@ -309,27 +329,18 @@ class ProcessBackend(SandboxBackend):
         log.info(
             "sandbox.started", sandbox_id=sandbox_id, pid=process.pid, uid=uid, cgroup=cgroup is not None
         )
-        return SandboxHandle(
-            sandbox_id=sandbox_id,
-            backend=self.name,
-            role=role,
-            runtime={
-                "pid": process.pid,
-                "start_time": start_time,
-                "dir": str(sandbox_dir),
-                "socket": str(sandbox_dir / "run" / "agent.sock"),
-                "uid": uid,
-                "resources": {
-                    "vcpus": resources.vcpus,
-                    "memory_mib": resources.memory_mib,
-                    "tasks": resources.tasks,
-                    "tmp_mib": resources.tmp_mib,
-                },
-                "cgroup": cgroup is not None,
-                "netns": netns,
-                "image": str(root),
-            },
+        runtime = ProcessRuntime(
+            pid=process.pid,
+            start_time=start_time,
+            dir=sandbox_dir,
+            socket=sandbox_dir / "run" / "agent.sock",
+            uid=uid,
+            resources=resources,
+            cgroup=cgroup is not None,
+            netns=netns,
+            image=root,
         )
+        return SandboxHandle.of(sandbox_id, self.name, role, runtime)
 
     def _cgroup(self, sandbox_id: str, resources: Resources) -> SandboxCgroup | None:
         if self.cgroups is None:
@@ -341,19 +352,21 @@ class ProcessBackend(SandboxBackend):
             raise SandboxError(sandbox_id, f"cannot limit the sandbox: {exc}") from exc
 
     async def connect(self, handle: SandboxHandle, *, timeout_s: float) -> Channel:
-        socket = Path(handle.runtime["socket"])
-        agent_log = Path(handle.runtime["dir"]) / "run" / "agent.log"
+        runtime = handle.runtime_as(ProcessRuntime)
+        agent_log = runtime.dir / "run" / "agent.log"
         deadline = time.monotonic() + timeout_s
         while True:
-            if self._liveness(handle) != Liveness.ALIVE:
+            if self._liveness(handle.sandbox_id, runtime) != Liveness.ALIVE:
                 raise SandboxError(
-                    handle.sandbox_id, "the guest agent is not running", detail=self._failure_detail(handle)
+                    handle.sandbox_id,
+                    "the guest agent is not running",
+                    detail=self._failure_detail(handle.sandbox_id, runtime),
                 )
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise SandboxBootTimeout(handle.sandbox_id, timeout_s, _tail(agent_log))
             try:
-                reader, writer = await asyncio.open_unix_connection(str(socket))
+                reader, writer = await asyncio.open_unix_connection(str(runtime.socket))
                 break
             except (FileNotFoundError, ConnectionRefusedError):
                 # The agent creates its socket once it listens; the kernel gives no event for a path
@@ -372,20 +385,29 @@ class ProcessBackend(SandboxBackend):
                 handle.sandbox_id, f"the guest agent's handshake failed: {exc}", detail=_tail(agent_log)
             ) from exc
 
-    def _failure_detail(self, handle: SandboxHandle) -> str:
-        detail = _tail(Path(handle.runtime["dir"]) / "run" / "agent.log")
-        if self.cgroups is not None and handle.runtime.get("cgroup"):
-            events = self.cgroups.of(handle.sandbox_id).memory_events()
+    def _failure_detail(self, sandbox_id: str, runtime: ProcessRuntime) -> str:
+        detail = _tail(runtime.dir / "run" / "agent.log")
+        if self.cgroups is not None and runtime.cgroup:
+            events = self.cgroups.of(sandbox_id).memory_events()
             if events:
                 detail += f"\n(cgroup memory: {events})"
         return detail
 
     async def destroy(self, handle: SandboxHandle) -> None:
-        # A handle with no runtime (an orphan found by list_orphans) is found by its id alone.
-        sandbox_dir = Path(handle.runtime.get("dir") or self._dir_of(handle.sandbox_id))
-        await asyncio.to_thread(self._stop_processes, handle.sandbox_id, handle.runtime, sandbox_dir)
+        if not handle.recorded:
+            await self.destroy_orphan(handle.sandbox_id)
+            return
+        runtime = handle.runtime_as(ProcessRuntime)
+        await self._remove(handle.sandbox_id, runtime.dir, runtime)
+
+    async def destroy_orphan(self, sandbox_id: str) -> None:
+        """Its directory is found from its id, its processes in its cgroup and by their marker."""
+        await self._remove(sandbox_id, self._dir_of(sandbox_id), None)
+
+    async def _remove(self, sandbox_id: str, sandbox_dir: Path, runtime: ProcessRuntime | None) -> None:
+        await asyncio.to_thread(self._stop_processes, sandbox_id, runtime, sandbox_dir)
         await asyncio.to_thread(shutil.rmtree, sandbox_dir, ignore_errors=True)
-        log.info("sandbox.destroyed", sandbox_id=handle.sandbox_id)
+        log.info("sandbox.destroyed", sandbox_id=sandbox_id)
 
     def _dir_of(self, sandbox_id: str) -> Path:
         if not SANDBOX_ID.fullmatch(sandbox_id):
@@ -393,31 +415,31 @@ class ProcessBackend(SandboxBackend):
         return self.sandboxes_dir / sandbox_id
 
     async def probe(self, handle: SandboxHandle) -> Liveness:
-        return self._liveness(handle)
+        if not handle.recorded:
+            return Liveness.GONE  # nothing it started was recorded: nothing of it is adopted
+        return self._liveness(handle.sandbox_id, handle.runtime_as(ProcessRuntime))
 
     async def hibernate(self, handle: SandboxHandle) -> SandboxHandle:
         if handle.role != "cli":
             raise SandboxUnsupported(
                 handle.sandbox_id, "only CLI sandboxes hibernate; a browser sandbox is destroyed instead"
             )
-        sandbox_dir = Path(handle.runtime["dir"])
-        await asyncio.to_thread(self._stop_processes, handle.sandbox_id, handle.runtime, sandbox_dir)
-        (sandbox_dir / HIBERNATED_MARKER).write_text(f"{time.time()}\n")
-        return SandboxHandle(
-            handle.sandbox_id, self.name, handle.role, {**handle.runtime, "pid": None, "start_time": None}
-        )
+        runtime = handle.runtime_as(ProcessRuntime)
+        await asyncio.to_thread(self._stop_processes, handle.sandbox_id, runtime, runtime.dir)
+        (runtime.dir / HIBERNATED_MARKER).write_text(f"{time.time()}\n")
+        asleep = runtime.model_copy(update={"pid": None, "start_time": None})
+        return SandboxHandle.of(handle.sandbox_id, self.name, handle.role, asleep)
 
     async def resume(self, handle: SandboxHandle) -> SandboxHandle:
-        sandbox_dir = Path(handle.runtime["dir"])
-        if self._liveness(handle) == Liveness.ALIVE:
+        runtime = handle.runtime_as(ProcessRuntime)
+        sandbox_dir = runtime.dir
+        if self._liveness(handle.sandbox_id, runtime) == Liveness.ALIVE:
             return handle
         if not (sandbox_dir / HIBERNATED_MARKER).exists():
             raise SandboxError(handle.sandbox_id, f"{sandbox_dir} holds no hibernated sandbox to resume")
         uid = (sandbox_dir / "home").stat().st_uid
-        resources = Resources(**handle.runtime.get("resources", {}))
-        netns = handle.runtime.get("netns")
         resumed = await asyncio.to_thread(
-            self._start, handle.sandbox_id, handle.role, sandbox_dir, uid, resources, netns
+            self._start, handle.sandbox_id, handle.role, sandbox_dir, uid, runtime.resources, runtime.netns
         )
         (sandbox_dir / HIBERNATED_MARKER).unlink()
         return resumed
@@ -477,9 +499,12 @@ class ProcessBackend(SandboxBackend):
 
     # ------------------------------------------------------------------ processes
 
-    def _agent_process(self, sandbox_id: str, runtime: Mapping[str, object]) -> psutil.Process | None:
-        """The sandbox's agent if it runs now (found in its cgroup, so never a stranger that reused a pid)."""
-        if self.cgroups is None or not runtime.get("cgroup"):
+    def _agent_process(
+        self, sandbox_id: str, runtime: ProcessRuntime | None, *, in_cgroup: bool
+    ) -> psutil.Process | None:
+        """The sandbox's agent if it runs now: found in its cgroup when it has one (so never a stranger
+        that reused a pid), else by the recorded pid."""
+        if self.cgroups is None or not in_cgroup:
             return self._top_process(sandbox_id, runtime)
         for pid in self.cgroups.of(sandbox_id).pids():
             with contextlib.suppress(psutil.Error):
@@ -488,14 +513,14 @@ class ProcessBackend(SandboxBackend):
                     return process
         return None
 
-    def _top_process(self, sandbox_id: str, runtime: Mapping[str, object]) -> psutil.Process | None:
+    def _top_process(self, sandbox_id: str, runtime: ProcessRuntime | None) -> psutil.Process | None:
         """The process this backend started (bubblewrap's monitor) if it still runs, by pid and start time."""
         child = self._children.get(sandbox_id)
         if child is not None and child.poll() is not None:
             self._children.pop(sandbox_id, None)
-        top, start_time = runtime.get("pid"), runtime.get("start_time")
-        if not isinstance(top, int) or start_time is None:
+        if runtime is None or runtime.pid is None or runtime.start_time is None:
             return None
+        top, start_time = runtime.pid, runtime.start_time
         try:
             process = psutil.Process(top)
             if process.create_time() != start_time or process.status() == psutil.STATUS_ZOMBIE:
@@ -504,22 +529,23 @@ class ProcessBackend(SandboxBackend):
         except psutil.NoSuchProcess:
             return None
 
-    def _liveness(self, handle: SandboxHandle) -> Liveness:
+    def _liveness(self, sandbox_id: str, runtime: ProcessRuntime) -> Liveness:
         # Alive while what we started runs (its agent may still be starting), or while its agent does
         # (its bubblewrap monitor may have been killed under it).
-        runtime = handle.runtime
-        if self._top_process(handle.sandbox_id, runtime) or self._agent_process(handle.sandbox_id, runtime):
+        if self._top_process(sandbox_id, runtime) or self._agent_process(
+            sandbox_id, runtime, in_cgroup=runtime.cgroup
+        ):
             return Liveness.ALIVE
-        sandbox_dir = runtime.get("dir")
-        if sandbox_dir and (Path(sandbox_dir) / HIBERNATED_MARKER).exists():
+        if (runtime.dir / HIBERNATED_MARKER).exists():
             return Liveness.HIBERNATED
         return Liveness.GONE
 
-    def _stop_processes(self, sandbox_id: str, runtime: Mapping[str, object], sandbox_dir: Path) -> None:
+    def _stop_processes(self, sandbox_id: str, runtime: ProcessRuntime | None, sandbox_dir: Path) -> None:
         """SIGTERM the agent (it stops its services in order), then SIGKILL whatever is left of the
-        sandbox after the grace period: everything in its cgroup, and anything carrying its marker."""
+        sandbox after the grace period: everything in its cgroup, and anything carrying its marker.
+        ``runtime`` ``None``: an orphan, whose agent is found in its cgroup only."""
         cgroup = self.cgroups.of(sandbox_id) if self.cgroups is not None else None
-        agent = self._agent_process(sandbox_id, {**runtime, "cgroup": cgroup is not None})
+        agent = self._agent_process(sandbox_id, runtime, in_cgroup=cgroup is not None)
         if agent is not None:
             with contextlib.suppress(psutil.NoSuchProcess):
                 agent.send_signal(signal.SIGTERM)

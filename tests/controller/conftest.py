@@ -19,7 +19,7 @@ import uvicorn
 from browservm.controller.app import create_app
 from browservm.controller.server import uvicorn_config
 from browservm.controller.services import network_config
-from browservm.sandbox.base import SandboxBackend, SandboxHandle
+from browservm.sandbox.base import SandboxBackend
 from browservm.sandbox.network import SandboxNetwork
 from browservm.sandbox.process import ProcessBackend
 from browservm.sandbox.qemu import QemuBackend
@@ -138,9 +138,7 @@ async def remove_everything(settings: Settings) -> None:
     if settings.backend == "qemu":
         backend = QemuBackend(settings.state_dir)
     for orphan in await backend.list_orphans([]):
-        await backend.destroy(
-            SandboxHandle(sandbox_id=orphan, backend=backend.name, role="browser", runtime={})
-        )
+        await backend.destroy_orphan(orphan)
     network = SandboxNetwork(network_config(settings))
     for sandbox_id in await network.attached():
         await network.detach(sandbox_id)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from browservm.sandbox.base import SandboxHandle
 from browservm.sandbox.process import ProcessBackend
 from tests.support.image import image_tree
 from tests.support.network import BackendNetwork
@@ -32,7 +31,7 @@ async def backend(state_dir: Path) -> AsyncIterator[ProcessBackend]:
     yield backend
     # Whatever a test left running goes, found the way the reconciler would find it.
     for sandbox_id in await backend.list_orphans([]):
-        await backend.destroy(SandboxHandle(sandbox_id, "process", "cli", {}))
+        await backend.destroy_orphan(sandbox_id)
     await backend.close()
 
 

@@ -67,7 +67,7 @@ async def hidden_state() -> AsyncIterator[tuple[ProcessBackend, Path, Path]]:
         yield backend, state_dir, config
     finally:
         for sandbox_id in await backend.list_orphans([]):
-            await backend.destroy(SandboxHandle(sandbox_id, "process", "cli", {}))
+            await backend.destroy_orphan(sandbox_id)
         shutil.rmtree(state_dir, ignore_errors=True)
         config.unlink(missing_ok=True)
 

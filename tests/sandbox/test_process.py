@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import psutil
@@ -190,6 +191,38 @@ async def test_orphans_are_sandboxes_nobody_knows(backend: ProcessBackend) -> No
     await backend.destroy(stray)
     await backend.destroy(known)
     assert await backend.list_orphans([]) == []
+
+
+async def test_a_sandbox_whose_record_is_lost_is_destroyed_whole_from_its_id(
+    backend: ProcessBackend, network: BackendNetwork, state_dir: Path
+) -> None:
+    """A controller that knows nothing of a sandbox (its record lost) still ends every process of it,
+    in its cgroup and its network namespace, and removes its directory and cgroup. The namespace is the
+    controller's: its reconciler removes it (tests/controller/test_reconciler.py)."""
+    handle = await backend.create(await network.spec("lost1", "cli"))
+    channel = await backend.connect(handle, timeout_s=BOOT_S)
+    await shell(channel, "sleep 300 >/dev/null 2>&1 & echo started")
+    await channel.close()
+    netns = network.netns("lost1")
+    assert sandbox_processes(handle) and _pids_in(netns)
+
+    restarted = ProcessBackend(state_dir, image_tree())
+    assert await restarted.list_orphans([]) == ["lost1"]
+    await restarted.destroy_orphan("lost1")
+    assert sandbox_processes(handle) == []
+    assert _pids_in(netns) == [], "nothing of the sandbox runs in its namespace"
+    assert not Path(handle.runtime["dir"]).exists()
+    if restarted.cgroups is not None:
+        assert "lost1" not in restarted.cgroups.sandbox_ids()
+    assert await restarted.list_orphans([]) == []
+    await restarted.destroy_orphan("lost1")  # idempotent
+    assert await backend.probe(handle) == Liveness.GONE
+
+
+def _pids_in(netns: str) -> list[str]:
+    return subprocess.run(
+        ["ip", "netns", "pids", netns], capture_output=True, text=True, check=True
+    ).stdout.split()
 
 
 async def test_an_agent_that_cannot_start_fails_fast_with_its_log(state_dir: Path) -> None:

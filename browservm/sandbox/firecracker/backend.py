@@ -11,21 +11,23 @@ What the guest needs to know arrives on its kernel command line (never by editin
 (``vsock:<port>``), ``browservm.overlay`` (the writable drive) and ``browservm.env`` (the agent's extra
 environment, base64url of a JSON object). The guest image's init reads them from ``/proc/cmdline``.
 
-``handle.runtime`` holds the directory, the jail, the pid and start time, the network and whether the
-sandbox is hibernated: enough to probe, adopt and destroy it after a controller restart.
+``handle.runtime`` is a :class:`~.runtime.FirecrackerRuntime`: the directory, the jail, the pid and start
+time, the network and whether the sandbox is hibernated: enough to probe, adopt and destroy it after a
+controller restart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import itertools
 import json
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,14 +72,13 @@ from browservm.sandbox.firecracker.microvm import (
     instance_id,
 )
 from browservm.sandbox.firecracker.network import VmNetwork, attach_tap, detach_tap, network_of
+from browservm.sandbox.firecracker.runtime import AGENT_VSOCK_PORT, FirecrackerRuntime
 from browservm.sandbox.firecracker.vsock import VsockConnectError, connect_vsock
 from browservm.settings import Settings, SettingsError
 
 log = structlog.get_logger(__name__)
 
 SANDBOX_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-AGENT_VSOCK_PORT = 1024
-"""The guest agent's vsock port (the guest's ``--listen vsock:1024``)."""
 GUEST_CID = 3
 """Firecracker's vsock is emulated per VM, not registered with the host kernel: every VM can be CID 3."""
 API_READY_S = 10.0
@@ -161,26 +162,29 @@ class FirecrackerBackend(SandboxBackend):
             return VmLayout.unjailed(sandbox_dir)
         return VmLayout.jailed(sandbox_dir, self.jailer.jail_dir(self.firecracker, instance_id(sandbox_id)))
 
-    def _layout_of(self, handle: SandboxHandle) -> VmLayout:
-        runtime = handle.runtime
-        if not runtime.get("dir"):
-            return self._layout(self._checked_id(handle.sandbox_id))
-        jail_dir = runtime.get("jail_dir")
-        return VmLayout(Path(runtime["dir"]), Path(runtime["root"]), Path(jail_dir) if jail_dir else None)
-
     def _vm(self, handle: SandboxHandle) -> MicroVM:
-        vm = self._vms.get(handle.sandbox_id)
-        if vm is not None and vm.pid == handle.runtime.get("pid"):
+        if not handle.recorded:
+            return self._found_vm(handle.sandbox_id)
+        return self._vm_of(handle.sandbox_id, handle.runtime_as(FirecrackerRuntime))
+
+    def _vm_of(self, sandbox_id: str, runtime: FirecrackerRuntime) -> MicroVM:
+        vm = self._vms.get(sandbox_id)
+        if vm is not None and vm.pid == runtime.pid:
             return vm
         return MicroVM(
-            handle.sandbox_id,
-            self._layout_of(handle),
+            sandbox_id,
+            runtime.layout,
             firecracker=self.firecracker,
-            netns=handle.runtime.get("network", {}).get("netns", ""),
+            netns=runtime.network.netns,
             jailer=self.jailer,
-            pid=handle.runtime.get("pid"),
-            start_time=handle.runtime.get("start_time"),
+            pid=runtime.pid,
+            start_time=runtime.start_time,
         )
+
+    def _found_vm(self, sandbox_id: str) -> MicroVM:
+        """A VM known by its id alone: where its files are; its VMM is found by its command line."""
+        layout = self._layout(self._checked_id(sandbox_id))
+        return MicroVM(sandbox_id, layout, firecracker=self.firecracker, netns="", jailer=self.jailer)
 
     def _checked_id(self, sandbox_id: str) -> str:
         if not SANDBOX_ID.fullmatch(sandbox_id):
@@ -268,25 +272,44 @@ class FirecrackerBackend(SandboxBackend):
         for existing in (layout.dir, layout.jail_dir):
             if existing is not None and existing.exists():
                 raise SandboxError(sandbox_id, f"{existing} already exists: destroy that sandbox first")
-        handle = SandboxHandle(sandbox_id, self.name, spec.role, self._runtime(layout, network, None))
         started = time.monotonic()
-        try:
-            layout.dir.mkdir(parents=True, mode=0o700)
-            layout.root.mkdir(parents=True, exist_ok=True)
-            await create_overlay(layout.host(OVERLAY), spec.resources.disk_mib)
-            if self.jailer is not None:
-                await asyncio.to_thread(self.jailer.prepare, layout.root, self._jail_links(image))
-            await attach_tap(sandbox_id, network, owner=self._owner())
-            vm = MicroVM(
-                sandbox_id, layout, firecracker=self.firecracker, netns=network.netns, jailer=self.jailer
-            )
-            await vm.launch(API_READY_S)
-            self._vms[sandbox_id] = vm
-            handle = SandboxHandle(sandbox_id, self.name, spec.role, self._runtime(layout, network, vm))
-            await vm.boot(self._config(spec, network, image, layout))
-        except BaseException as exc:
+        detail = ""
+
+        def keep_logs() -> None:
+            nonlocal detail
             detail = layout.logs_tail()
-            await self.destroy(handle)
+
+        try:
+            # Each undo is registered as its resource is taken; on a failure they run last first.
+            async with contextlib.AsyncExitStack() as undo:
+                layout.dir.mkdir(parents=True, mode=0o700)
+                undo.push_async_callback(asyncio.to_thread, shutil.rmtree, layout.dir, ignore_errors=True)
+                if layout.jail_dir is not None:
+                    undo.push_async_callback(
+                        asyncio.to_thread, shutil.rmtree, layout.jail_dir, ignore_errors=True
+                    )
+                layout.root.mkdir(parents=True, exist_ok=True)
+                undo.callback(keep_logs)  # before the directories go
+                await create_overlay(layout.host(OVERLAY), spec.resources.disk_mib)
+                if self.jailer is not None:
+                    await asyncio.to_thread(self.jailer.prepare, layout.root, self._jail_links(image))
+                # Registered first: a TAP half made is removed too.
+                undo.push_async_callback(
+                    _quietly, sandbox_id, detach_tap, sandbox_id, network.netns, network.tap
+                )
+                await attach_tap(sandbox_id, network, owner=self._owner())
+                vm = MicroVM(
+                    sandbox_id, layout, firecracker=self.firecracker, netns=network.netns, jailer=self.jailer
+                )
+                undo.push_async_callback(_quietly, sandbox_id, self._stop, sandbox_id, vm)
+                await vm.launch(API_READY_S)
+                self._vms[sandbox_id] = vm
+                handle = SandboxHandle.of(
+                    sandbox_id, self.name, spec.role, FirecrackerRuntime.of(layout, network, vm)
+                )
+                await vm.boot(self._config(spec, network, image, layout))
+                undo.pop_all()
+        except BaseException as exc:
             if isinstance(exc, SandboxError):
                 raise
             if isinstance(exc, (FirecrackerError, DiskError, OSError)):
@@ -300,20 +323,6 @@ class FirecrackerBackend(SandboxBackend):
         )
         return handle
 
-    def _runtime(
-        self, layout: VmLayout, network: VmNetwork, vm: MicroVM | None, *, hibernated: bool = False
-    ) -> dict[str, Any]:
-        return {
-            "dir": str(layout.dir),
-            "root": str(layout.root),
-            "jail_dir": str(layout.jail_dir) if layout.jail_dir else None,
-            "pid": vm.pid if vm else None,
-            "start_time": vm.start_time if vm else None,
-            "network": dataclasses.asdict(network),
-            "vsock_port": AGENT_VSOCK_PORT,
-            "hibernated": hibernated,
-        }
-
     async def connect(self, handle: SandboxHandle, *, timeout_s: float) -> Channel:
         vm = self._vm(handle)
         layout = vm.layout
@@ -323,7 +332,7 @@ class FirecrackerBackend(SandboxBackend):
         try:
             reader, writer = await connect_vsock(
                 layout.host(VSOCK_SOCKET),
-                int(handle.runtime.get("vsock_port", AGENT_VSOCK_PORT)),
+                handle.runtime_as(FirecrackerRuntime).vsock_port,
                 timeout_s=timeout_s,
                 alive=vm.alive,
             )
@@ -345,23 +354,37 @@ class FirecrackerBackend(SandboxBackend):
             ) from exc
 
     async def destroy(self, handle: SandboxHandle) -> None:
-        layout = self._layout_of(handle)
-        vm = self._vm(handle)
-        await vm.kill()
-        # A VMM started but not yet recorded (a crash between the two) is found by its command line.
-        for stray in await asyncio.to_thread(self._vmm_processes, layout, vm.vm_id):
-            await MicroVM(
-                handle.sandbox_id, layout, firecracker=self.firecracker, netns="", pid=stray.pid,
-                start_time=stray.create_time(),
-            ).kill()  # fmt: skip
-        self._vms.pop(handle.sandbox_id, None)
-        network = handle.runtime.get("network")
-        if network:
-            await detach_tap(handle.sandbox_id, network["netns"], network["tap"])
+        if not handle.recorded:
+            await self.destroy_orphan(handle.sandbox_id)
+            return
+        runtime = handle.runtime_as(FirecrackerRuntime)
+        await self._remove(handle.sandbox_id, self._vm_of(handle.sandbox_id, runtime), runtime.network)
+
+    async def destroy_orphan(self, sandbox_id: str) -> None:
+        """From its id: its directory and jail, and any VMM whose command line names them. Its TAP goes
+        with its network namespace (the controller's)."""
+        await self._remove(sandbox_id, self._found_vm(sandbox_id), None)
+
+    async def _remove(self, sandbox_id: str, vm: MicroVM, network: VmNetwork | None) -> None:
+        layout = vm.layout
+        await self._stop(sandbox_id, vm)
+        if network is not None:
+            await detach_tap(sandbox_id, network.netns, network.tap)
         await asyncio.to_thread(shutil.rmtree, layout.dir, ignore_errors=True)
         if layout.jail_dir is not None:
             await asyncio.to_thread(shutil.rmtree, layout.jail_dir, ignore_errors=True)
-        log.info("sandbox.destroyed", sandbox_id=handle.sandbox_id, backend=self.name)
+        log.info("sandbox.destroyed", sandbox_id=sandbox_id, backend=self.name)
+
+    async def _stop(self, sandbox_id: str, vm: MicroVM) -> None:
+        """End the VMM, and any other naming the VM (one started but not yet recorded, a crash between
+        the two), found by its command line."""
+        await vm.kill()
+        for stray in await asyncio.to_thread(self._vmm_processes, vm.layout, vm.vm_id):
+            await MicroVM(
+                sandbox_id, vm.layout, firecracker=self.firecracker, netns="", pid=stray.pid,
+                start_time=stray.create_time(),
+            ).kill()  # fmt: skip
+        self._vms.pop(sandbox_id, None)
 
     def _vmm_processes(self, layout: VmLayout, vm_id: str) -> list[psutil.Process]:
         api_socket = str(layout.host(API_SOCKET)) if layout.jail_dir is None else None
@@ -377,7 +400,8 @@ class FirecrackerBackend(SandboxBackend):
         vm = self._vm(handle)
         if vm.alive():
             return Liveness.ALIVE
-        if handle.runtime.get("hibernated") and vm.has_snapshot():
+        hibernated = handle.recorded and handle.runtime_as(FirecrackerRuntime).hibernated
+        if hibernated and vm.has_snapshot():
             return Liveness.HIBERNATED
         return Liveness.GONE
 
@@ -397,23 +421,24 @@ class FirecrackerBackend(SandboxBackend):
             ) from exc
         await vm.kill()
         self._vms.pop(handle.sandbox_id, None)
-        network = VmNetwork(**handle.runtime["network"])
+        network = handle.runtime_as(FirecrackerRuntime).network
         await detach_tap(handle.sandbox_id, network.netns, network.tap)
         log.info("sandbox.hibernated", sandbox_id=handle.sandbox_id, backend=self.name)
-        return SandboxHandle(
+        return SandboxHandle.of(
             handle.sandbox_id,
             self.name,
             handle.role,
-            self._runtime(vm.layout, network, None, hibernated=True),
+            FirecrackerRuntime.of(vm.layout, network, None, hibernated=True),
         )
 
     async def resume(self, handle: SandboxHandle) -> SandboxHandle:
         vm = self._vm(handle)
         if vm.alive():
             return handle
-        if not (handle.runtime.get("hibernated") and vm.has_snapshot()):
+        runtime = handle.runtime_as(FirecrackerRuntime)
+        if not (runtime.hibernated and vm.has_snapshot()):
             raise SandboxError(handle.sandbox_id, f"{vm.layout.root} holds no snapshot to resume")
-        network = VmNetwork(**handle.runtime["network"])
+        network = runtime.network
         try:
             image = GuestImage.from_settings(self.settings)
         except FileNotFoundError as exc:
@@ -444,7 +469,9 @@ class FirecrackerBackend(SandboxBackend):
         vm.drop_snapshot()
         self._vms[handle.sandbox_id] = vm
         log.info("sandbox.resumed", sandbox_id=handle.sandbox_id, backend=self.name)
-        return SandboxHandle(handle.sandbox_id, self.name, handle.role, self._runtime(vm.layout, network, vm))
+        return SandboxHandle.of(
+            handle.sandbox_id, self.name, handle.role, FirecrackerRuntime.of(vm.layout, network, vm)
+        )
 
     async def list_orphans(self, known: Sequence[str]) -> list[str]:
         found: set[str] = set()
@@ -467,6 +494,14 @@ class FirecrackerBackend(SandboxBackend):
     async def close(self) -> None:
         # The VMs keep running (a restarted controller adopts them); only their reaping stops here.
         self._vms.clear()
+
+
+async def _quietly(sandbox_id: str, step: Callable[..., Awaitable[None]], *args: Any) -> None:
+    """One undo of a failed create: its own failure is logged, never raised over the one that made it."""
+    try:
+        await step(*args)
+    except Exception as exc:
+        log.error("firecracker.undo_failed", sandbox_id=sandbox_id, step=step.__name__, error=str(exc))
 
 
 def _jailed_vmm(cmdline: list[str], firecracker: str, vm_id: str) -> bool:

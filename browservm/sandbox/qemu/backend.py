@@ -13,10 +13,10 @@ What the guest needs to know arrives on its kernel command line, never by editin
 ``browservm.overlay`` and ``browservm.env`` (base64url JSON of the agent's extra environment).
 Per-session settings travel over the channel after boot.
 
-``handle.runtime`` holds the directory, pid and start time, uid, accelerator, image files and network,
-and whether the VM is hibernated: enough to probe, adopt, resume and destroy it after a restart. A copy
-of what destroy needs is kept in the directory (``sandbox.json``), so an orphan found by its directory
-alone is removed whole.
+``handle.runtime`` is a :class:`~.runtime.QemuRuntime`: the directory, pid and start time, network and
+machine (image files, command line, size, accelerator, uid), and whether the VM is hibernated: enough to
+probe, adopt, resume and destroy it after a restart. A copy is kept in the directory (``sandbox.json``),
+so an orphan found by its directory alone is removed whole.
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import structlog
+from pydantic import ValidationError
 
 from browservm import protocol
 from browservm.sandbox.base import (
@@ -63,6 +64,7 @@ from browservm.sandbox.qemu.machine import (
     processes_in,
     processes_under,
 )
+from browservm.sandbox.qemu.runtime import QemuRuntime
 from browservm.sandbox.vm_network import VmNetwork, attach_tap, detach_tap
 from browservm.settings import Settings, SettingsError
 
@@ -186,25 +188,28 @@ class QemuBackend(SandboxBackend):
             )
         return VmFiles(self.sandboxes_dir / sandbox_id)
 
-    def _files_of(self, handle: SandboxHandle) -> VmFiles:
-        directory = handle.runtime.get("dir")
-        return VmFiles(Path(directory)) if directory else self._files(handle.sandbox_id)
-
     def _vm(self, handle: SandboxHandle) -> QemuVM:
-        vm = self._vms.get(handle.sandbox_id)
-        runtime = handle.runtime
-        if vm is not None and vm.pid == runtime.get("pid"):
+        if not handle.recorded:
+            return self._found_vm(handle.sandbox_id, self._files(handle.sandbox_id))
+        return self._vm_of(handle.sandbox_id, handle.runtime_as(QemuRuntime))
+
+    def _vm_of(self, sandbox_id: str, runtime: QemuRuntime) -> QemuVM:
+        vm = self._vms.get(sandbox_id)
+        if vm is not None and vm.pid == runtime.pid:
             return vm
-        pid, start_time = runtime.get("pid"), runtime.get("start_time")
-        files = self._files_of(handle)
-        if pid is None and not runtime and files.pidfile.exists():
-            # An orphan known by its directory alone: its pid file, checked against where it runs.
-            with contextlib.suppress(ValueError, OSError):
-                found = int(files.pidfile.read_text().strip())
-                for process in processes_in(files.dir):
-                    if process.pid == found:
-                        pid, start_time = found, process.create_time()
-        return QemuVM(handle.sandbox_id, files, qemu=self.qemu, pid=pid, start_time=start_time)
+        return QemuVM(
+            sandbox_id, runtime.files, qemu=self.qemu, pid=runtime.pid, start_time=runtime.start_time
+        )
+
+    def _found_vm(self, sandbox_id: str, files: VmFiles) -> QemuVM:
+        """A VM known by its directory alone: its pid file, checked against where it runs."""
+        pid, start_time = None, None
+        with contextlib.suppress(ValueError, OSError):
+            found = int(files.pidfile.read_text().strip())
+            for process in processes_in(files.dir):
+                if process.pid == found:
+                    pid, start_time = found, process.create_time()
+        return QemuVM(sandbox_id, files, qemu=self.qemu, pid=pid, start_time=start_time)
 
     def seccomp(self) -> bool:
         if self._seccomp is None:
@@ -249,35 +254,10 @@ class QemuBackend(SandboxBackend):
             pass
         return uid
 
-    def _config_of(self, handle: SandboxHandle) -> VmConfig:
-        """The machine a hibernated VM was: the same image files, cmdline, size and accelerator."""
-        return _config_from(handle.sandbox_id, handle.runtime)
-
-    def _runtime(
-        self, files: VmFiles, config: VmConfig, vm: QemuVM | None, *, hibernated: bool = False
-    ) -> dict[str, Any]:
-        return {
-            "dir": str(files.dir),
-            "pid": vm.pid if vm else None,
-            "start_time": vm.start_time if vm else None,
-            "channel": str(files.channel),
-            "network": dataclasses.asdict(config.network) if config.network else None,
-            "config": {
-                "kernel": str(config.image.kernel),
-                "rootfs": str(config.image.rootfs),
-                "initrd": str(config.image.initrd) if config.image.initrd else None,
-                "cmdline": config.cmdline,
-                "vcpus": config.vcpus,
-                "memory_mib": config.memory_mib,
-                "accel": config.accel,
-                "uid": config.uid,
-                "groups": list(config.groups),
-                "seccomp": config.seccomp,
-                "host_port": config.host_port,
-                "nic_mac": config.nic_mac,
-            },
-            "hibernated": hibernated,
-        }
+    def _record(self, of: SandboxSpec | SandboxHandle, files: VmFiles, runtime: QemuRuntime) -> SandboxHandle:
+        """The handle of ``runtime``, its copy written to the VM's directory (``sandbox.json``)."""
+        files.record.write_text(runtime.model_dump_json())
+        return SandboxHandle.of(of.sandbox_id, self.name, of.role, runtime)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -301,11 +281,7 @@ class QemuBackend(SandboxBackend):
         except LookupError as exc:
             raise SandboxError(spec.sandbox_id, str(exc)) from exc
         network = VmNetwork.from_spec(spec)
-        self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.sandboxes_dir, 0o711)  # noqa: S103 - entered by nobody but root; QEMU runs in its own
-        uid = self._pick_uid()
-        files.dir.mkdir(mode=0o700)
-        os.chown(files.dir, uid, uid)
+        seccomp = await asyncio.to_thread(self.seccomp)
         config = VmConfig(
             sandbox_id=spec.sandbox_id,
             image=image,
@@ -314,41 +290,89 @@ class QemuBackend(SandboxBackend):
             memory_mib=spec.resources.memory_mib,
             accel=self.accel,
             network=network,
-            uid=uid,
+            uid=self._pick_uid(),
             groups=self._groups(self.accel),
-            seccomp=await asyncio.to_thread(self.seccomp),
+            seccomp=seccomp,
             host_port=True,
         )
-        handle = SandboxHandle(spec.sandbox_id, self.name, spec.role, self._runtime(files, config, None))
-        files.record.write_text(json.dumps(handle.runtime))
         started = time.monotonic()
-        try:
-            await create_overlay(files.overlay, spec.resources.disk_mib, owner=uid)
-            if network is not None:
-                await attach_tap(spec.sandbox_id, network)
-            vm = QemuVM(spec.sandbox_id, files, qemu=self.qemu)
-            self._vms[spec.sandbox_id] = vm
-            await vm.launch(config, ready_s=LAUNCH_READY_S)
-            handle = SandboxHandle(spec.sandbox_id, self.name, spec.role, self._runtime(files, config, vm))
-            files.record.write_text(json.dumps(handle.runtime))
-        except BaseException as exc:
-            detail = files.logs_tail()
-            await self.destroy(handle)
-            if isinstance(exc, SandboxError):
-                raise
-            if isinstance(exc, (VmError, DiskError, OSError)):
-                raise SandboxError(spec.sandbox_id, f"cannot start the VM: {exc}", detail=detail) from exc
-            raise
+        handle, vm = await self._start(
+            spec,
+            files,
+            config,
+            disk=lambda: create_overlay(files.overlay, spec.resources.disk_mib, owner=config.uid),
+            failure="cannot start the VM",
+        )
         log.info(
             "sandbox.started",
             sandbox_id=spec.sandbox_id,
             backend=self.name,
             accel=config.accel,
             pid=vm.pid,
-            uid=uid,
+            uid=config.uid,
             after_s=round(time.monotonic() - started, 3),
         )
         return handle
+
+    async def _start(
+        self,
+        spec: SandboxSpec,
+        files: VmFiles,
+        config: VmConfig,
+        *,
+        disk: Callable[[], Awaitable[None]],
+        incoming: Path | None = None,
+        settle: Callable[[QemuVM], Awaitable[None]] | None = None,
+        failure: str,
+    ) -> tuple[SandboxHandle, QemuVM]:
+        """What create and restore share: the VM's directory (owned by ``config.uid``) and record, its
+        disk (``disk`` makes it), its TAP, and QEMU (on the migration stream ``incoming`` if given), then
+        ``settle``. Each undo is registered as its resource is taken and, on a failure, they run last
+        first; the failure is raised as :class:`SandboxError` (``failure``: what could not be done) with
+        the VM's logs."""
+        detail = ""
+
+        def keep_logs() -> None:
+            nonlocal detail
+            detail = files.logs_tail()
+
+        try:
+            async with contextlib.AsyncExitStack() as undo:
+                # No await since the caller picked config.uid: the directory's owner marks it taken.
+                self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
+                os.chmod(self.sandboxes_dir, 0o711)  # noqa: S103 - QEMU runs in a directory of its own
+                files.dir.mkdir(mode=0o700)
+                undo.push_async_callback(asyncio.to_thread, shutil.rmtree, files.dir, ignore_errors=True)
+                undo.callback(keep_logs)  # before the directory goes
+                os.chown(files.dir, config.uid, config.uid)
+                self._record(spec, files, QemuRuntime.of(files, config, None))
+                await disk()
+                if config.network is not None:
+                    # Registered first: a TAP half made is removed too.
+                    undo.push_async_callback(
+                        _quietly,
+                        spec.sandbox_id,
+                        detach_tap,
+                        spec.sandbox_id,
+                        config.network.netns,
+                        config.network.tap,
+                    )
+                    await attach_tap(spec.sandbox_id, config.network)
+                vm = QemuVM(spec.sandbox_id, files, qemu=self.qemu)
+                self._vms[spec.sandbox_id] = vm
+                undo.push_async_callback(_quietly, spec.sandbox_id, self._stop, spec.sandbox_id, files, vm)
+                await vm.launch(config, incoming=incoming, ready_s=LAUNCH_READY_S)
+                handle = self._record(spec, files, QemuRuntime.of(files, config, vm))
+                if settle is not None:
+                    await settle(vm)
+                undo.pop_all()
+        except BaseException as exc:
+            if isinstance(exc, SandboxError):
+                raise
+            if isinstance(exc, (VmError, DiskError, OSError)):
+                raise SandboxError(spec.sandbox_id, f"{failure}: {exc}", detail=detail) from exc
+            raise
+        return handle, vm
 
     async def connect(self, handle: SandboxHandle, *, timeout_s: float) -> Channel:
         """Connect to the channel socket and wait for the agent's Hello.
@@ -437,31 +461,51 @@ class QemuBackend(SandboxBackend):
             ) from exc
 
     async def destroy(self, handle: SandboxHandle) -> None:
-        files = self._files_of(handle)
-        runtime: dict[str, Any] = dict(handle.runtime)
-        if not runtime.get("network") and files.record.is_file():
-            with contextlib.suppress(OSError, ValueError):
-                runtime = {**json.loads(files.record.read_text()), **{k: v for k, v in runtime.items() if v}}
-        vm = self._vm(SandboxHandle(handle.sandbox_id, self.name, handle.role, runtime))
+        if not handle.recorded:
+            await self.destroy_orphan(handle.sandbox_id)
+            return
+        runtime = handle.runtime_as(QemuRuntime)
+        await self._remove(
+            handle.sandbox_id, runtime.files, self._vm_of(handle.sandbox_id, runtime), runtime.network
+        )
+
+    async def destroy_orphan(self, sandbox_id: str) -> None:
+        """From its directory: the record kept there (``sandbox.json``: QEMU's pid, the TAP's
+        namespace), else QEMU's pid file; and any QEMU running in it."""
+        files = self._files(sandbox_id)
+        recorded = None
+        with contextlib.suppress(OSError, ValidationError):
+            recorded = QemuRuntime.model_validate_json(files.record.read_text())
+        if recorded is not None and recorded.pid is not None:
+            vm = self._vm_of(sandbox_id, recorded)
+        else:
+            vm = self._found_vm(sandbox_id, files)
+        await self._remove(sandbox_id, files, vm, recorded.network if recorded else None)
+
+    async def _remove(self, sandbox_id: str, files: VmFiles, vm: QemuVM, network: VmNetwork | None) -> None:
+        await self._stop(sandbox_id, files, vm)
+        if network is not None:
+            await detach_tap(sandbox_id, network.netns, network.tap)
+        await asyncio.to_thread(shutil.rmtree, files.dir, ignore_errors=True)
+        log.info("sandbox.destroyed", sandbox_id=sandbox_id, backend=self.name)
+
+    async def _stop(self, sandbox_id: str, files: VmFiles, vm: QemuVM) -> None:
+        """End QEMU, and any other QEMU running in the VM's directory (one started but not yet recorded,
+        a crash between the two)."""
         await vm.kill()
-        # A QEMU started but not yet recorded (a crash between the two) is found by where it runs.
         for stray in await asyncio.to_thread(processes_in, files.dir):
             with contextlib.suppress(Exception):
                 await QemuVM(
-                    handle.sandbox_id, files, qemu=self.qemu, pid=stray.pid, start_time=stray.create_time()
+                    sandbox_id, files, qemu=self.qemu, pid=stray.pid, start_time=stray.create_time()
                 ).kill()
-        self._vms.pop(handle.sandbox_id, None)
-        network = runtime.get("network")
-        if network:
-            await detach_tap(handle.sandbox_id, network["netns"], network.get("tap", "tap0"))
-        await asyncio.to_thread(shutil.rmtree, files.dir, ignore_errors=True)
-        log.info("sandbox.destroyed", sandbox_id=handle.sandbox_id, backend=self.name)
+        self._vms.pop(sandbox_id, None)
 
     async def probe(self, handle: SandboxHandle) -> Liveness:
         vm = self._vm(handle)
         if vm.alive():
             return Liveness.ALIVE
-        if handle.runtime.get("hibernated") and vm.files.snapshot.is_file():
+        hibernated = handle.recorded and handle.runtime_as(QemuRuntime).hibernated
+        if hibernated and vm.files.snapshot.is_file():
             return Liveness.HIBERNATED
         return Liveness.GONE
 
@@ -481,11 +525,10 @@ class QemuBackend(SandboxBackend):
                 handle.sandbox_id, f"cannot save the VM's state: {exc}", detail=vm.files.logs_tail()
             ) from exc
         self._vms.pop(handle.sandbox_id, None)
-        config = self._config_of(handle)
+        config = handle.runtime_as(QemuRuntime).machine(handle.sandbox_id)
         if config.network is not None:
             await detach_tap(handle.sandbox_id, config.network.netns, config.network.tap)
-        runtime = self._runtime(vm.files, config, None, hibernated=True)
-        vm.files.record.write_text(json.dumps(runtime))
+        asleep = self._record(handle, vm.files, QemuRuntime.of(vm.files, config, None, hibernated=True))
         log.info(
             "sandbox.hibernated",
             sandbox_id=handle.sandbox_id,
@@ -493,16 +536,17 @@ class QemuBackend(SandboxBackend):
             snapshot_mib=round(vm.files.snapshot.stat().st_size / 2**20, 1),
             after_s=round(time.monotonic() - started, 3),
         )
-        return SandboxHandle(handle.sandbox_id, self.name, handle.role, runtime)
+        return asleep
 
     async def resume(self, handle: SandboxHandle) -> SandboxHandle:
         vm = self._vm(handle)
         if vm.alive():
             return handle
         files = vm.files
-        if not (handle.runtime.get("hibernated") and files.snapshot.is_file()):
+        runtime = handle.runtime_as(QemuRuntime)
+        if not (runtime.hibernated and files.snapshot.is_file()):
             raise SandboxError(handle.sandbox_id, f"{files.dir} holds no snapshot to resume")
-        config = self._config_of(handle)
+        config = runtime.machine(handle.sandbox_id)
         missing = [str(p) for p in (config.image.kernel, config.image.rootfs) if not p.is_file()]
         if missing:
             raise SandboxError(
@@ -529,8 +573,7 @@ class QemuBackend(SandboxBackend):
                 raise SandboxError(handle.sandbox_id, f"cannot resume the VM: {exc}", detail=detail) from exc
             raise
         files.snapshot.unlink()
-        runtime = self._runtime(files, config, vm)
-        files.record.write_text(json.dumps(runtime))
+        awake = self._record(handle, files, QemuRuntime.of(files, config, vm))
         if config.host_port:
             try:  # its clock stopped while it slept
                 await vm.tell_guest(_rebirth(None, None), IDENTITY_TIMEOUT_S)
@@ -542,7 +585,7 @@ class QemuBackend(SandboxBackend):
             backend=self.name,
             after_s=round(time.monotonic() - started, 3),
         )
-        return SandboxHandle(handle.sandbox_id, self.name, handle.role, runtime)
+        return awake
 
     # ------------------------------------------------------------------ snapshots
 
@@ -552,7 +595,7 @@ class QemuBackend(SandboxBackend):
         vm = self._vm(handle)
         if not vm.alive():
             raise SandboxError(handle.sandbox_id, "the VM is not running", detail=vm.files.logs_tail())
-        config = self._config_of(handle)
+        config = handle.runtime_as(QemuRuntime).machine(handle.sandbox_id)
         if not config.host_port:
             raise SandboxUnsupported(
                 handle.sandbox_id, "this VM was started without the host port a restored clone needs"
@@ -566,8 +609,10 @@ class QemuBackend(SandboxBackend):
             # The disk exactly as the saved memory knows it: clones start from copies of it.
             await asyncio.to_thread(os.replace, vm.files.overlay, directory / "overlay.ext4")
             os.chown(directory / "overlay.ext4", 0, 0)
-            runtime = {**self._runtime(vm.files, config, None, hibernated=True), "dir": str(directory)}
-            (directory / "snapshot.json").write_text(json.dumps(runtime))
+            saved = QemuRuntime.of(vm.files, config, None, hibernated=True).model_copy(
+                update={"dir": directory}
+            )
+            (directory / "snapshot.json").write_text(saved.model_dump_json())
         except BaseException as exc:
             await asyncio.to_thread(shutil.rmtree, directory, ignore_errors=True)
             await self.destroy(handle)
@@ -577,7 +622,7 @@ class QemuBackend(SandboxBackend):
                 ) from exc
             raise
         await self.destroy(handle)
-        snapshot = SandboxSnapshot(handle.sandbox_id, self.name, handle.role, runtime)
+        snapshot = SandboxSnapshot.of(handle.sandbox_id, self.name, handle.role, saved)
         log.info(
             "qemu.snapshot_taken",
             snapshot_id=snapshot.snapshot_id,
@@ -590,8 +635,9 @@ class QemuBackend(SandboxBackend):
         """A clone: its own directory, uid, overlay (a copy of the snapshot's: a reflink where the file
         system has them, else the written blocks only) and TAP; QEMU loads the saved machine, then the
         guest's root helper takes the spec's id, address, the time and fresh entropy."""
-        source = Path(str(snapshot.runtime["dir"]))
-        template = _config_from(snapshot.snapshot_id, snapshot.runtime)
+        saved = snapshot.runtime_as(QemuRuntime)
+        source = saved.dir
+        template = saved.machine(snapshot.snapshot_id)
         files = self._files(spec.sandbox_id)
         if files.dir.exists():
             raise SandboxError(spec.sandbox_id, f"{files.dir} already exists: destroy that sandbox first")
@@ -607,48 +653,40 @@ class QemuBackend(SandboxBackend):
             raise SandboxError(
                 spec.sandbox_id, "a snapshot restores only into a sandbox with a network if it had one"
             )
-        uid = self._pick_uid()
-        files.dir.mkdir(mode=0o700)
-        os.chown(files.dir, uid, uid)
         config = dataclasses.replace(
             template,
             sandbox_id=spec.sandbox_id,
             network=network,
             nic_mac=template.nic_mac or (template.network.mac if template.network else None),
-            uid=uid,
+            uid=self._pick_uid(),
             groups=self._groups(template.accel),
         )
-        handle = SandboxHandle(spec.sandbox_id, self.name, spec.role, self._runtime(files, config, None))
-        files.record.write_text(json.dumps(handle.runtime))
         started = time.monotonic()
-        try:
-            await _copy_disk(source / "overlay.ext4", files.overlay, owner=uid)
-            if network is not None:
-                await attach_tap(spec.sandbox_id, network)
-            vm = QemuVM(spec.sandbox_id, files, qemu=self.qemu)
-            self._vms[spec.sandbox_id] = vm
-            await vm.launch(config, incoming=source / "vmstate", ready_s=LAUNCH_READY_S)
-            handle = SandboxHandle(spec.sandbox_id, self.name, spec.role, self._runtime(files, config, vm))
-            files.record.write_text(json.dumps(handle.runtime))
+
+        async def take_identity(vm: QemuVM) -> None:
             await vm.wait_running(RESTORE_TIMEOUT_S)
-            loaded = time.monotonic()
+            log.info(
+                "qemu.snapshot_loaded",
+                sandbox_id=spec.sandbox_id,
+                snapshot_id=snapshot.snapshot_id,
+                load_s=round(time.monotonic() - started, 3),
+            )
             await vm.tell_guest(_rebirth(spec.sandbox_id, network), IDENTITY_TIMEOUT_S)
-        except BaseException as exc:
-            detail = files.logs_tail()
-            await self.destroy(handle)
-            if isinstance(exc, SandboxError):
-                raise
-            if isinstance(exc, (VmError, DiskError, OSError)):
-                raise SandboxError(
-                    spec.sandbox_id, f"cannot restore snapshot {snapshot.snapshot_id}: {exc}", detail=detail
-                ) from exc
-            raise
+
+        handle, vm = await self._start(
+            spec,
+            files,
+            config,
+            disk=lambda: _copy_disk(source / "overlay.ext4", files.overlay, owner=config.uid),
+            incoming=source / "vmstate",
+            settle=take_identity,
+            failure=f"cannot restore snapshot {snapshot.snapshot_id}",
+        )
         log.info(
             "sandbox.restored",
             sandbox_id=spec.sandbox_id,
             snapshot_id=snapshot.snapshot_id,
             pid=vm.pid,
-            load_s=round(loaded - started, 3),
             after_s=round(time.monotonic() - started, 3),
         )
         return handle
@@ -697,28 +735,12 @@ class QemuBackend(SandboxBackend):
         self._vms.clear()
 
 
-def _config_from(sandbox_id: str, runtime: Mapping[str, Any]) -> VmConfig:
-    """The machine a runtime record describes (a hibernated VM's, or a snapshot's)."""
-    saved = runtime["config"]
-    network = runtime.get("network")
-    return VmConfig(
-        sandbox_id=sandbox_id,
-        image=VmImage(
-            Path(saved["kernel"]),
-            Path(saved["rootfs"]),
-            Path(saved["initrd"]) if saved["initrd"] else None,
-        ),
-        cmdline=saved["cmdline"],
-        vcpus=saved["vcpus"],
-        memory_mib=saved["memory_mib"],
-        accel=saved["accel"],
-        network=VmNetwork(**{**network, "dns": tuple(network["dns"])}) if network else None,
-        uid=saved["uid"],
-        groups=tuple(saved.get("groups", ())),
-        seccomp=saved.get("seccomp", True),
-        host_port=saved.get("host_port", False),
-        nic_mac=saved.get("nic_mac"),
-    )
+async def _quietly(sandbox_id: str, step: Callable[..., Awaitable[None]], *args: Any) -> None:
+    """One undo of a failed start: its own failure is logged, never raised over the one that made it."""
+    try:
+        await step(*args)
+    except Exception as exc:
+        log.error("qemu.undo_failed", sandbox_id=sandbox_id, step=step.__name__, error=str(exc))
 
 
 def _rebirth(sandbox_id: str | None, network: VmNetwork | None) -> dict[str, Any]:

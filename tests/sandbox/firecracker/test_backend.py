@@ -60,7 +60,7 @@ async def backend(settings: Settings) -> AsyncIterator[FirecrackerBackend]:
     backend = FirecrackerBackend(settings)
     yield backend
     for sandbox_id in await backend.list_orphans([]):
-        await backend.destroy(SandboxHandle(sandbox_id, "firecracker", "cli", {}))
+        await backend.destroy_orphan(sandbox_id)
     await backend.close()
 
 
@@ -160,6 +160,20 @@ async def test_hibernate_snapshots_and_resume_restores_the_vm_with_its_files(
     await backend.destroy(resumed)
     assert processes_under(short_dir) == []
     assert not root.exists()
+
+
+async def test_a_vm_nobody_knows_is_destroyed_from_its_id(
+    backend: FirecrackerBackend, settings: Settings, netns: str, short_dir: Path
+) -> None:
+    handle = await backend.create(spec("sbx_lost", netns))
+    await backend.close()
+    restarted = FirecrackerBackend(settings)  # its record lost: only the id is known
+    assert await restarted.list_orphans([]) == ["sbx_lost"]
+    await restarted.destroy_orphan("sbx_lost")
+    assert processes_under(short_dir) == []
+    assert not Path(handle.runtime["dir"]).exists()
+    assert await restarted.list_orphans([]) == []
+    await restarted.destroy_orphan("sbx_lost")  # idempotent
 
 
 async def test_a_restarted_controller_adopts_a_running_vm(

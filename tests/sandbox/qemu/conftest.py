@@ -9,7 +9,6 @@ from pathlib import Path
 import psutil
 import pytest
 
-from browservm.sandbox.base import SandboxHandle
 from browservm.sandbox.image import BuildResult
 from browservm.sandbox.qemu import QemuBackend
 from browservm.sandbox.qemu.machine import VmImage
@@ -34,7 +33,7 @@ async def qemu_backend(state_dir: Path, vm_image: VmImage) -> AsyncIterator[Qemu
     backend = QemuBackend(state_dir, vm_image, accel="tcg")
     yield backend
     for sandbox_id in await QemuBackend(state_dir).list_orphans([]):
-        await backend.destroy(SandboxHandle(sandbox_id, "qemu", "cli", {}))
+        await backend.destroy_orphan(sandbox_id)
     await backend.close()
     assert not qemu_processes(state_dir), "a test left QEMU running"
 

@@ -137,7 +137,7 @@ async def test_a_lost_controller_side_is_adopted_then_its_orphan_removed_whole(
     assert await third.list_orphans(["vm2"]) == []
     vm_dir = Path(handle.runtime["dir"])
     assert {p.name for p in vm_dir.iterdir()} >= {"overlay.ext4", "channel.sock", "qmp.sock", "console.log"}
-    await third.destroy(SandboxHandle("vm2", "qemu", "browser", {}))
+    await third.destroy_orphan("vm2")
     assert not qemu_processes(state_dir)
     assert (
         not psutil.pid_exists(handle.runtime["pid"])
