@@ -99,8 +99,7 @@ async def test_a_proxied_guest_reaches_its_proxy_and_turn_only(network: SandboxN
         assert not await _reach(ns_a, gateway, proxy_a), "direct opens host services, not every port"
 
         # A controller's restart rebuilds the table: every grant is forgotten (fails closed).
-        network._host_ready = False
-        await network.ensure_host()
+        await SandboxNetwork(network.config).ensure_host()
         assert not await _reach(ns_b, gateway, proxy_b)
         assert await _reach(ns_b, gateway, turn)
     finally:

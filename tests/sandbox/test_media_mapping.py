@@ -159,10 +159,10 @@ async def test_each_guest_is_reached_at_its_public_port_only(
         assert await _ask(str(PUBLIC), 41000, viewer_netns) == f"{PUBLIC}:41000:echo:hi"
 
         # A controller's start rebuilds the table (no mapping), and maps the live guests again.
-        network._host_ready = False
-        await network.ensure_host()
+        restarted = SandboxNetwork(network.config)
+        await restarted.ensure_host()
         assert await _ask(str(PUBLIC), 41000, viewer_netns) is None
-        await network.map_media("a", base + 2)
+        await restarted.map_media("a", base + 2)
         assert await _ask(str(PUBLIC), 41000, viewer_netns) == f"{PUBLIC}:41000:echo:hi"
     finally:
         for echo in echoes:
