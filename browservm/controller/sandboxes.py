@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from browservm.controller.metrics import Metrics
 from browservm.controller.notifier import Notifier
 from browservm.sandbox.base import (
+    GuestImage,
     Liveness,
     NetworkSpec,
     Resources,
@@ -51,8 +52,12 @@ class SandboxService:
         boot_timeout_s: float,
         resources: Mapping[Role, Resources] | None = None,
         network: SandboxNetwork | None = None,
+        image: Callable[[], GuestImage | None] | None = None,
     ) -> None:
         self.backend = backend
+        self.image = image
+        """The image new sandboxes run, asked at each start (a new build is used from the next one);
+        ``None`` or what returns ``None``: the backend's own."""
         self.resources = dict(resources or {})
         """What each role's sandboxes may use (from the settings); the backend's defaults otherwise."""
         self.network = network
@@ -90,7 +95,14 @@ class SandboxService:
                 sandbox_id=sandbox_id,
             )
         self._notify(record)
-        log.info("sandbox.creating", sandbox_id=record.id, role=role, backend=self.backend.name)
+        image = await asyncio.to_thread(self.image) if self.image is not None else None
+        log.info(
+            "sandbox.creating",
+            sandbox_id=record.id,
+            role=role,
+            backend=self.backend.name,
+            image=image.name if image is not None else None,
+        )
         started = time.perf_counter()
         try:
             # Each resource's undo is registered the moment it is taken and runs, last first, on failure.
@@ -107,6 +119,7 @@ class SandboxService:
                     role=role,
                     resources=self.resources.get(role, Resources()),
                     network=network,
+                    image=image,
                 )
                 if snapshot is not None:
                     handle = await self.backend.restore(snapshot, spec)

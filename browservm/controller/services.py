@@ -25,6 +25,7 @@ from browservm.controller.viewers import LocalViewers, ViewerRegistry
 from browservm.demo.server import DemoOAuthServer
 from browservm.sandbox import make_backend, resources_by_role, scope_of
 from browservm.sandbox.base import SandboxBackend
+from browservm.sandbox.image import guest_image
 from browservm.sandbox.network import HostService, MediaNat, NetworkConfig, SandboxNetwork, parse_dns
 from browservm.settings import Settings
 from browservm.store.database import Database
@@ -78,6 +79,7 @@ class Services:
             boot_timeout_s=settings.sandbox_boot_timeout_s,
             resources=resources_by_role(settings),
             network=network,
+            image=lambda: guest_image(settings),
         )
         egress = EgressService(settings, db, metrics)
         sessions = SessionService(settings, db, sandboxes, capacity, vault, metrics, notifier)

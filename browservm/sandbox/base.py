@@ -39,6 +39,7 @@ import abc
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -92,6 +93,19 @@ class NetworkSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class GuestImage:
+    """The built guest image a sandbox runs (docs/image.md), as the controller chose it: its root tree,
+    which the process backend runs as ``/``, and the kernel, read-only ext4 and initramfs VMs boot."""
+
+    name: str
+    """What the logs and records call it (the image's directory name, e.g. ``browser-8052aa5d1431be5e``)."""
+    tree: Path | None = None
+    kernel: Path | None = None
+    rootfs: Path | None = None
+    initrd: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class SandboxSpec:
     sandbox_id: str
     role: Role
@@ -99,6 +113,8 @@ class SandboxSpec:
     network: NetworkSpec = field(default_factory=NetworkSpec)
     env: Mapping[str, str] = field(default_factory=dict)
     """Extra environment for the guest agent (never secrets: those travel over the channel)."""
+    image: GuestImage | None = None
+    """The image to run; ``None``: the backend's own (the one it was made with)."""
 
 
 class RuntimeRecord(BaseModel):

@@ -50,6 +50,7 @@ from browservm import protocol
 from browservm.sandbox import bubblewrap, scope_of, seccomp
 from browservm.sandbox.base import (
     BackendReadiness,
+    GuestImage,
     Liveness,
     NetworkSpec,
     Resources,
@@ -145,14 +146,18 @@ class ProcessBackend(SandboxBackend):
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         """Agents started by this backend instance, so their exit is noticed and reaped at once."""
 
-    def image_root(self) -> Path:
-        """The tree sandboxes start from now; :class:`SandboxError` with the fix when there is none."""
-        if self._image is None:
+    def image_root(self, image: GuestImage | None = None) -> Path:
+        """The tree a sandbox starts from: ``image``'s (a spec's), else the backend's own now;
+        :class:`SandboxError` with the fix when there is none."""
+        if image is not None and image.tree is not None:
+            root = image.tree
+        elif self._image is None:
             raise SandboxError("-", "this process backend was given no guest image to run sandboxes from")
-        try:
-            root = self._image if isinstance(self._image, Path) else self._image()
-        except LookupError as exc:
-            raise SandboxError("-", str(exc)) from None
+        else:
+            try:
+                root = self._image if isinstance(self._image, Path) else self._image()
+            except LookupError as exc:
+                raise SandboxError("-", str(exc)) from None
         if not (root / "usr" / "bin" / "python3").exists():
             raise SandboxError(
                 "-",
@@ -237,6 +242,7 @@ class ProcessBackend(SandboxBackend):
                 spec.resources,
                 spec.network.netns,
                 spec.env,
+                spec.image,
             )
         except BaseException:
             await self.destroy_orphan(spec.sandbox_id)
@@ -279,8 +285,9 @@ class ProcessBackend(SandboxBackend):
         resources: Resources,
         netns: str | None,
         extra_env: Mapping[str, str] | None = None,
+        image: GuestImage | None = None,
     ) -> SandboxHandle:
-        root = self.image_root()
+        root = self.image_root(image)
         cgroup = self._cgroup(sandbox_id, resources)
         fd = seccomp.filter_fd(self._seccomp)
         try:

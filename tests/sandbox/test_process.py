@@ -13,9 +13,9 @@ import pytest
 from pydantic import BaseModel
 
 from browservm import protocol
-from browservm.sandbox.base import Liveness, SandboxError, SandboxHandle, SandboxSpec
+from browservm.sandbox.base import GuestImage, Liveness, SandboxError, SandboxHandle, SandboxSpec
 from browservm.sandbox.channel import AgentError
-from browservm.sandbox.process import MARKER_ENV, ProcessBackend
+from browservm.sandbox.process import MARKER_ENV, ProcessBackend, ProcessRuntime
 from tests.support.commands import shell
 from tests.support.devtools import evaluate_in_page, eventually_page_url
 from tests.support.image import image_tree
@@ -223,6 +223,26 @@ def _pids_in(netns: str) -> list[str]:
     return subprocess.run(
         ["ip", "netns", "pids", netns], capture_output=True, text=True, check=True
     ).stdout.split()
+
+
+async def test_a_backend_without_an_image_of_its_own_runs_the_one_the_spec_names(state_dir: Path) -> None:
+    bare = ProcessBackend(state_dir)
+    with pytest.raises(SandboxError, match="no guest image"):
+        await bare.create(SandboxSpec(sandbox_id="unnamed", role="cli"))
+    tree = image_tree("minimal")
+    named = GuestImage(tree.parent.name, tree=tree)
+    handle = await bare.create(SandboxSpec(sandbox_id="named", role="cli", image=named))
+    try:
+        channel = await bare.connect(handle, timeout_s=BOOT_S)
+        assert await shell(channel, "test -x /usr/bin/chromium || echo no browser here") == (
+            0,
+            "no browser here\n",
+        ), "it runs the minimal image the spec named"
+        await channel.close()
+        assert handle.runtime_as(ProcessRuntime).image == tree
+    finally:
+        await bare.destroy(handle)
+        await bare.close()
 
 
 async def test_an_agent_that_cannot_start_fails_fast_with_its_log(state_dir: Path) -> None:

@@ -89,13 +89,13 @@ BASE_BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class GuestImage:
+class BootFiles:
     kernel: Path
     rootfs: Path
     initrd: Path | None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> GuestImage:
+    def from_settings(cls, settings: Settings) -> BootFiles:
         """The image's files, or an error saying which is missing and how to get it."""
         problems = []
         for name, path in (
@@ -216,7 +216,7 @@ class FirecrackerBackend(SandboxBackend):
             )
         return args
 
-    def _config(self, spec: SandboxSpec, network: VmNetwork, image: GuestImage, layout: VmLayout) -> VmConfig:
+    def _config(self, spec: SandboxSpec, network: VmNetwork, image: BootFiles, layout: VmLayout) -> VmConfig:
         vcpus, memory = spec.resources.vcpus, spec.resources.memory_mib
         jailed = layout.jail_dir is not None
         kernel = layout.vmm(JAILED_KERNEL) if jailed else str(image.kernel)
@@ -244,7 +244,7 @@ class FirecrackerBackend(SandboxBackend):
             serial=SerialDevice(serial_out_path=layout.vmm(CONSOLE)),
         )
 
-    def _jail_links(self, image: GuestImage) -> dict[str, Path]:
+    def _jail_links(self, image: BootFiles) -> dict[str, Path]:
         links = {JAILED_KERNEL: image.kernel, JAILED_ROOTFS: image.rootfs}
         if image.initrd is not None:
             links[JAILED_INITRD] = image.initrd
@@ -258,8 +258,12 @@ class FirecrackerBackend(SandboxBackend):
     async def create(self, spec: SandboxSpec) -> SandboxHandle:
         sandbox_id = self._checked_id(spec.sandbox_id)
         network = network_of(spec)
+        named = spec.image
         try:
-            image = GuestImage.from_settings(self.settings)
+            if named is not None and named.kernel is not None and named.rootfs is not None:
+                image = BootFiles(named.kernel, named.rootfs, named.initrd)
+            else:
+                image = BootFiles.from_settings(self.settings)
         except FileNotFoundError as exc:
             raise SandboxError(sandbox_id, str(exc)) from exc
         layout = self._layout(sandbox_id)
@@ -440,7 +444,7 @@ class FirecrackerBackend(SandboxBackend):
             raise SandboxError(handle.sandbox_id, f"{vm.layout.root} holds no snapshot to resume")
         network = runtime.network
         try:
-            image = GuestImage.from_settings(self.settings)
+            image = BootFiles.from_settings(self.settings)
         except FileNotFoundError as exc:
             raise SandboxError(handle.sandbox_id, str(exc)) from exc
         vm = MicroVM(
@@ -483,7 +487,7 @@ class FirecrackerBackend(SandboxBackend):
         found = await asyncio.to_thread(host.inspect, self.settings)
         problems = list(found.problems)
         try:
-            GuestImage.from_settings(self.settings)
+            BootFiles.from_settings(self.settings)
         except FileNotFoundError as exc:
             problems.append(str(exc))
         if problems:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from browservm.sandbox.base import GuestImage
 from browservm.sandbox.image.builder import STEPS, BuildResult, ImageBuilder, Progress
 from browservm.sandbox.image.errors import ImageBuildError
 from browservm.sandbox.image.layers import Caches
@@ -34,6 +35,7 @@ __all__ = [
     "builder_for",
     "current_image",
     "current_tree",
+    "guest_image",
     "store_for",
 ]
 
@@ -49,6 +51,24 @@ def builder_for(settings: Settings, progress: Progress | None = None) -> ImageBu
 def current_image(settings: Settings, variant: Variant = "browser") -> BuiltImage | None:
     """The image a backend should run (the last one built of ``variant``), or None."""
     return store_for(settings).current(variant)
+
+
+def guest_image(settings: Settings) -> GuestImage | None:
+    """The image new sandboxes run now: the current browser image, its VM files replaced by
+    ``BROWSERVM_VM_KERNEL``/``_ROOTFS``/``_INITRD`` where set; ``None`` when there is neither."""
+    if (settings.vm_kernel is None) != (settings.vm_rootfs is None):
+        return None  # half set: the backend's own lookup says what is missing
+    built = current_image(settings, "browser")
+    image = built.guest() if built is not None else None
+    if settings.vm_kernel is not None and settings.vm_rootfs is not None:
+        return GuestImage(
+            name=f"{settings.vm_rootfs.name} (BROWSERVM_VM_ROOTFS)",
+            tree=image.tree if image is not None else None,
+            kernel=settings.vm_kernel,
+            rootfs=settings.vm_rootfs,
+            initrd=settings.vm_initrd,
+        )
+    return image
 
 
 def current_tree(settings: Settings, variant: Variant = "browser") -> Path:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from browservm.sandbox.base import GuestImage
 from browservm.sandbox.image import recipe
 from browservm.sandbox.image.manifest import ImageManifest, StageRecord
 from browservm.sandbox.image.recipe import Stage, Variant
@@ -66,6 +67,10 @@ class BuiltImage:
     @property
     def initramfs(self) -> Path:
         return self.path / "initramfs.img"
+
+    def guest(self) -> GuestImage:
+        """What a :class:`~browservm.sandbox.base.SandboxSpec` names to run this image."""
+        return GuestImage(self.path.name, self.tree, self.vmlinux, self.rootfs, self.initramfs)
 
 
 @dataclass(frozen=True, slots=True)

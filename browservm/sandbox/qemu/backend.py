@@ -41,6 +41,7 @@ from pydantic import ValidationError
 from browservm import protocol
 from browservm.sandbox.base import (
     BackendReadiness,
+    GuestImage,
     Liveness,
     SandboxBackend,
     SandboxBootTimeout,
@@ -168,10 +169,14 @@ class QemuBackend(SandboxBackend):
         files for each clone's QEMU)."""
         return self.state_dir / "qemu-snapshots"
 
-    def image(self) -> VmImage:
-        if self._image is None:
+    def image(self, named: GuestImage | None = None) -> VmImage:
+        """The files a VM boots: ``named``'s (a spec's), else the backend's own now."""
+        if named is not None and named.kernel is not None and named.rootfs is not None:
+            image = VmImage(named.kernel, named.rootfs, named.initrd)
+        elif self._image is None:
             raise LookupError("this qemu backend was given no guest image to boot")
-        image = self._image if isinstance(self._image, VmImage) else self._image()
+        else:
+            image = self._image if isinstance(self._image, VmImage) else self._image()
         missing = [
             str(p) for p in (image.kernel, image.rootfs, image.initrd) if p is not None and not p.is_file()
         ]
@@ -277,7 +282,7 @@ class QemuBackend(SandboxBackend):
         if files.dir.exists():
             raise SandboxError(spec.sandbox_id, f"{files.dir} already exists: destroy that sandbox first")
         try:
-            image = await asyncio.to_thread(self.image)
+            image = await asyncio.to_thread(self.image, spec.image)
         except LookupError as exc:
             raise SandboxError(spec.sandbox_id, str(exc)) from exc
         network = VmNetwork.from_spec(spec)
