@@ -67,41 +67,38 @@ async def main(rounds: int, debug: bool = False) -> None:
         work, f"sqlite+aiosqlite:///{work / 'db.sqlite'}", max_sandboxes=1, log_level="error"
     )
     try:
-        async for controller in run_controller(settings):
-            async with viewer_browser(work / "profile") as context:
-                for n in range(rounds):
-                    client = controller.client
-                    blocker = (
-                        await client.post("/v1/sessions", json={"user_id": f"b{n}", "provider": "demo"})
-                    ).json()
-                    await controller.wait_status(blocker["id"], "awaiting_user")
-                    measured = (
-                        await client.post("/v1/sessions", json={"user_id": f"m{n}", "provider": "demo"})
-                    ).json()
-                    page = await context.new_page()
-                    await page.goto(measured["viewer_url"] + "&mode=vnc")
-                    await _until(page, lambda s: (s.get("session") or {}).get("queue_position") == 1)
-                    freed = time.time()
-                    await client.post(f"/v1/sessions/{blocker['id']}/cancel")
-                    figures["slot freed → streaming"].append(await _until(page, _streaming) - freed)
-                    if debug:
-                        for line in (await _status(page))["log"]:
-                            at = datetime.fromisoformat(
-                                line.split(" ", 1)[0].replace("Z", "+00:00")
-                            ).timestamp()
-                            print(f"{(at - freed) * 1000:8.0f} ms  {line.split(' ', 1)[1]}")
+        async with run_controller(settings) as controller, viewer_browser(work / "profile") as context:
+            for n in range(rounds):
+                client = controller.client
+                blocker = (
+                    await client.post("/v1/sessions", json={"user_id": f"b{n}", "provider": "demo"})
+                ).json()
+                await controller.wait_status(blocker["id"], "awaiting_user")
+                measured = (
+                    await client.post("/v1/sessions", json={"user_id": f"m{n}", "provider": "demo"})
+                ).json()
+                page = await context.new_page()
+                await page.goto(measured["viewer_url"] + "&mode=vnc")
+                await _until(page, lambda s: (s.get("session") or {}).get("queue_position") == 1)
+                freed = time.time()
+                await client.post(f"/v1/sessions/{blocker['id']}/cancel")
+                figures["slot freed → streaming"].append(await _until(page, _streaming) - freed)
+                if debug:
+                    for line in (await _status(page))["log"]:
+                        at = datetime.fromisoformat(line.split(" ", 1)[0].replace("Z", "+00:00")).timestamp()
+                        print(f"{(at - freed) * 1000:8.0f} ms  {line.split(' ', 1)[1]}")
 
-                    reloaded = time.time()
-                    await page.reload()
-                    figures["reload → streaming"].append(await _until(page, _streaming) - reloaded)
+                reloaded = time.time()
+                await page.reload()
+                figures["reload → streaming"].append(await _until(page, _streaming) - reloaded)
 
-                    done = await sign_in(controller, measured["id"], f"bench{n}@example.test")
-                    status = await _status(page)
-                    await _until(page, lambda s: s.get("state") == "ended")
-                    status = await _status(page)
-                    ended_at = datetime.fromisoformat(done["ended_at"].replace("Z", "+00:00")).timestamp()
-                    figures["completed → signed-in screen"].append(_completed_shown_at(status) - ended_at)
-                    await page.close()
+                done = await sign_in(controller, measured["id"], f"bench{n}@example.test")
+                status = await _status(page)
+                await _until(page, lambda s: s.get("state") == "ended")
+                status = await _status(page)
+                ended_at = datetime.fromisoformat(done["ended_at"].replace("Z", "+00:00")).timestamp()
+                figures["completed → signed-in screen"].append(_completed_shown_at(status) - ended_at)
+                await page.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"{rounds} rounds, median (min-max):")

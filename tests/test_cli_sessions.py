@@ -18,7 +18,7 @@ BIN = Path(sys.executable).parent / "browservm"
 
 @pytest.fixture
 async def controller(tmp_path: Path, database_url: str) -> AsyncIterator[Controller]:
-    async for running in run_controller(controller_settings(tmp_path, database_url, max_sandboxes=1)):
+    async with run_controller(controller_settings(tmp_path, database_url, max_sandboxes=1)) as running:
         yield running
 
 

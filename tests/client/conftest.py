@@ -15,7 +15,7 @@ from tests.controller.conftest import Controller, controller_settings, run_contr
 async def controller(tmp_path: Path, database_url: str) -> AsyncIterator[Controller]:
     # One sandbox at a time: these tests exercise the API, not the host's capacity.
     settings = controller_settings(tmp_path, database_url, max_sandboxes=1)
-    async for running in run_controller(settings):
+    async with run_controller(settings) as running:
         yield running
 
 

@@ -79,7 +79,7 @@ def test_a_silent_controller_is_a_timeout(silent_port: int) -> None:
 
 async def test_a_full_host_is_retried_after_its_retry_after(tmp_path: Path, database_url: str) -> None:
     settings = controller_settings(tmp_path, database_url, max_sandboxes=1, max_queued_sessions=0)
-    async for controller in run_controller(settings):
+    async with run_controller(settings) as controller:
         first = AsyncClient(controller.key, base_url=controller.url)
         holder = await first.sessions.create(user_id="holder", provider="demo")
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import shutil
 import socket
 import tempfile
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,8 @@ def controller_settings(tmp_path: Path, database_url: str, **overrides: Any) -> 
     return Settings(**values)
 
 
-async def run_controller(settings: Settings, *, clean_up: bool = True) -> AsyncGenerator[Controller, None]:
+@contextlib.asynccontextmanager
+async def run_controller(settings: Settings, *, clean_up: bool = True) -> AsyncIterator[Controller]:
     """A controller in this process. ``clean_up=False`` leaves its sandboxes running when it stops, as
     a restarted controller finds them (the caller removes them in the end)."""
     db = Database(settings.effective_database_url)
@@ -148,5 +150,5 @@ async def remove_everything(settings: Settings) -> None:
 
 @pytest.fixture
 async def controller(tmp_path: Path, database_url: str) -> AsyncIterator[Controller]:
-    async for running in run_controller(controller_settings(tmp_path, database_url)):
+    async with run_controller(controller_settings(tmp_path, database_url)) as running:
         yield running

@@ -127,7 +127,7 @@ async def bed(request: pytest.FixtureRequest, tmp_path: Path, database_url: str)
     password, secret = proxy_secret(tmp_path)
     settings = egress_settings(tmp_path, database_url, first, secret, getattr(request, "param", {}))
     gateway = str(settings.sandbox_subnet.network_address + 1)
-    async for controller in run_controller(settings):
+    async with run_controller(settings) as controller:
         # The gateway exists once the controller runs; the proxies listen there, as an operator's would.
         proxies = make_proxies(tmp_path, gateway, first, password)
         for proxy in proxies:
@@ -373,7 +373,7 @@ async def test_a_restarted_controller_keeps_a_running_sessions_exit(
     proxies = make_proxies(tmp_path, gateway, first, password)
     first_life = run_controller(settings, clean_up=False)
     try:
-        controller = await anext(first_life)
+        controller = await first_life.__aenter__()
         for proxy in proxies:
             await proxy.__aenter__()
         api = controller.api
@@ -384,9 +384,11 @@ async def test_a_restarted_controller_keeps_a_running_sessions_exit(
         netns = sandbox_netns(settings.state_dir, waiting["sandbox_id"])
         await api.cli_vms.create("alice")
         assert (await api.egress.rotate("alice")).port == first + 1
-        await first_life.aclose()  # stopped: the session's sandbox runs on for the next controller
+        await first_life.__aexit__(
+            None, None, None
+        )  # stopped: the session's sandbox runs on for the next controller
 
-        async for controller in run_controller(settings):
+        async with run_controller(settings) as controller:
             deadline = time.monotonic() + 20
             while not await reach(netns, gateway, first):
                 assert time.monotonic() < deadline, "the adopted session lost its proxy"
@@ -401,7 +403,7 @@ async def test_a_restarted_controller_keeps_a_running_sessions_exit(
             output, code = await run_in_cli_vm(controller, "alice", ["python3", "-c", fetch_code(url, "cli")])
             assert (code, output.strip()) == (0, EXITS[1]), output
     finally:
-        await first_life.aclose()
+        await first_life.__aexit__(None, None, None)
         for proxy in proxies:
             await proxy.stop()
         await remove_everything(settings)

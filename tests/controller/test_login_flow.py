@@ -128,7 +128,7 @@ async def test_a_session_without_a_sign_in_expires_and_its_sandbox_goes(
     tmp_path: Path, database_url: str
 ) -> None:
     settings = controller_settings(tmp_path, database_url, session_ttl_s=6)
-    async for controller in run_controller(settings):
+    async with run_controller(settings) as controller:
         session = await controller.api.sessions.create(user_id="c", provider="demo")
         ended = await controller.wait_status(session.id, "expired", "failed", "completed", timeout_s=40)
         assert ended["status"] == "expired", ended

@@ -24,7 +24,7 @@ async def test_no_request_produces_a_server_error(tmp_path: Path, database_url: 
     settings = controller_settings(
         tmp_path, database_url, max_sandboxes=1, max_queued_sessions=100_000, rate_limit_per_s=0
     )
-    async for controller in run_controller(settings):
+    async with run_controller(settings) as controller:
         schemathesis = Path(sys.executable).parent / "schemathesis"
         process = await asyncio.create_subprocess_exec(
             str(schemathesis),

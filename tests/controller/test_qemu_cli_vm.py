@@ -45,7 +45,7 @@ async def qemu_controller(tmp_path: Path, minimal_build: BuildResult) -> AsyncIt
         run_coturn=False,
         turn_urls=[],
     )
-    async for running in run_controller(settings):
+    async with run_controller(settings) as running:
         yield running
     assert not qemu_vms(settings.state_dir)
 

@@ -51,7 +51,7 @@ def test_stream_slots_count_per_key_and_in_all() -> None:
 
 async def test_requests_past_the_rate_get_429_with_retry_after(tmp_path: Path, database_url: str) -> None:
     settings = controller_settings(tmp_path, database_url, rate_limit_per_s=1, rate_limit_burst=5)
-    async for controller in run_controller(settings):
+    async with run_controller(settings) as controller:
         statuses = [(await controller.client.get("/v1/sessions")).status_code for _ in range(5)]
         assert statuses == [200] * 5
         refused = await controller.client.get("/v1/sessions")
@@ -77,7 +77,7 @@ async def open_stream(client: httpx.AsyncClient, url: str) -> AsyncIterator[http
 
 async def test_event_streams_are_capped_per_key_and_in_all(tmp_path: Path, database_url: str) -> None:
     settings = controller_settings(tmp_path, database_url, max_event_streams=3, max_event_streams_per_key=2)
-    async for controller in run_controller(settings):
+    async with run_controller(settings) as controller:
         client = controller.client
         session = (await client.post("/v1/sessions", json={"user_id": "u1", "provider": "demo"})).json()
         url = f"/v1/sessions/{session['id']}/events"

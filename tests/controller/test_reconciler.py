@@ -43,14 +43,14 @@ async def test_a_sandbox_the_database_lost_is_destroyed_whole_at_start(
 ) -> None:
     settings = controller_settings(tmp_path, database_url)
     try:
-        async for controller in run_controller(settings, clean_up=False):
+        async with run_controller(settings, clean_up=False) as controller:
             vm = await controller.api.cli_vms.create("alice")
         sandbox_dir = settings.state_dir / "sandboxes" / vm.sandbox_id
         netns = Path("/run/netns") / SandboxNetwork(network_config(settings)).netns_of(vm.sandbox_id)
         assert marked(sandbox_dir) and sandbox_dir.is_dir() and netns.exists(), "it outlives its controller"
         await forget(settings.effective_database_url, vm.sandbox_id)
 
-        async for _controller in run_controller(settings):
+        async with run_controller(settings) as _controller:
             async with asyncio.timeout(10):  # start-up's pass, or the first periodic one
                 while marked(sandbox_dir) or sandbox_dir.exists() or netns.exists():
                     await asyncio.sleep(0.1)

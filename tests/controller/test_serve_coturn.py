@@ -20,7 +20,7 @@ async def test_the_controller_runs_coturn_and_hands_out_its_credentials(tmp_path
         turn_secret="test-secret-0123456789",
         turn_urls=[f"turn:127.0.0.1:{port}?transport=udp"],
     )
-    async for controller in run_controller(settings):
+    async with run_controller(settings) as controller:
         assert stun_binding("127.0.0.1", port, timeout_s=2)
         session = (
             await controller.client.post("/v1/sessions", json={"user_id": "t", "provider": "demo"})

@@ -136,7 +136,7 @@ async def test_capacity_is_bounded_and_overflow_is_refused_with_a_reason(
     tmp_path: Path, database_url: str
 ) -> None:
     settings = controller_settings(tmp_path, database_url, max_sandboxes=1, max_queued_sessions=1)
-    async for controller in run_controller(settings):
+    async with run_controller(settings) as controller:
         client = controller.client
         first = (await client.post("/v1/sessions", json={"user_id": "a", "provider": "demo"})).json()
         second = (await client.post("/v1/sessions", json={"user_id": "b", "provider": "demo"})).json()

@@ -88,7 +88,7 @@ async def test_viewer_events_need_this_sessions_viewer_token(controller: Control
 
 async def test_a_queued_session_learns_its_place_and_moves_up(tmp_path: Path, database_url: str) -> None:
     settings = controller_settings(tmp_path, database_url, max_sandboxes=1, max_queued_sessions=4)
-    async for controller in run_controller(settings):
+    async with run_controller(settings) as controller:
         client = controller.client
         first = (await client.post("/v1/sessions", json={"user_id": "q1", "provider": "demo"})).json()
         await controller.wait_status(first["id"], "starting", "awaiting_user")

@@ -34,7 +34,7 @@ async def test_a_session_takes_the_warm_sandbox_and_the_pool_refills(
 ) -> None:
     settings = controller_settings(tmp_path, database_url, warm_pool_size=1, max_sandboxes=3)
     url = settings.effective_database_url
-    async for controller in run_controller(settings):
+    async with run_controller(settings) as controller:
         (warm,) = await wait_warm(url)
         created = await controller.client.post("/v1/sessions", json={"user_id": "ada", "provider": "demo"})
         waiting = await controller.wait_status(created.json()["id"], "awaiting_user", "failed")
@@ -60,7 +60,7 @@ async def test_the_pool_yields_slots_to_cli_vms_and_waiting_sessions(
 ) -> None:
     settings = controller_settings(tmp_path, database_url, warm_pool_size=1, max_sandboxes=2)
     url = settings.effective_database_url
-    async for controller in run_controller(settings):
+    async with run_controller(settings) as controller:
         client = controller.client
         (warm,) = await wait_warm(url)
         assert (await client.post("/v1/users/alice/cli-vm")).status_code == 201  # the free slot

@@ -26,7 +26,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 @pytest.fixture
 async def controller(tmp_path: Path, database_url: str) -> AsyncIterator[Controller]:
-    async for running in run_controller(controller_settings(tmp_path, database_url, max_sandboxes=1)):
+    async with run_controller(controller_settings(tmp_path, database_url, max_sandboxes=1)) as running:
         yield running
 
 

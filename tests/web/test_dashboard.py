@@ -17,7 +17,7 @@ pytestmark = pytest.mark.browser
 @pytest.fixture
 async def controller(tmp_path: Path) -> AsyncIterator[Controller]:
     settings = controller_settings(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'browservm.db'}")
-    async for running in run_controller(settings):
+    async with run_controller(settings) as running:
         yield running
 
 
@@ -66,7 +66,7 @@ async def test_dashboard_follows_sessions_capacity_and_cli_vms_live(
     settings = controller_settings(
         tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'browservm.db'}", max_sandboxes=3, max_queued_sessions=4
     )
-    async for controller in run_controller(settings):
+    async with run_controller(settings) as controller:
         client = controller.client
         page = await browser_context.new_page()
         await page.goto(f"{controller.url}/")

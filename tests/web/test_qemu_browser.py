@@ -96,7 +96,7 @@ async def test_a_demo_sign_in_completes_with_the_browser_in_a_qemu_vm(
     browser_context: BrowserContext, tmp_path: Path
 ) -> None:
     settings = qemu_settings(tmp_path)
-    async for controller in run_controller(settings):
+    async with run_controller(settings) as controller:
         started = time.monotonic()
         created = await controller.api.sessions.create(user_id="qemu-user", provider="demo")
         await controller.wait_status(created.id, "awaiting_user", timeout_s=1200)
@@ -127,7 +127,7 @@ async def test_a_warm_vm_restored_from_a_snapshot_serves_a_sign_in_over_webrtc(
     browser_context: BrowserContext, tmp_path: Path
 ) -> None:
     settings = qemu_settings(tmp_path, warm_pool_size=1, max_sandboxes=2)
-    async for controller in run_controller(settings):
+    async with run_controller(settings) as controller:
         started = time.monotonic()
         (warm,) = await wait_warm(settings.effective_database_url, timeout_s=1200)
         warm_s = time.monotonic() - started

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 @pytest.fixture
 async def controller(tmp_path: Path) -> AsyncIterator[Controller]:
     settings = controller_settings(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'browservm.db'}")
-    async for running in run_controller(settings):
+    async with run_controller(settings) as running:
         yield running
 
 

@@ -28,7 +28,7 @@ RECORD_SESSION_EVENTS = """
 @pytest.fixture
 async def controller(tmp_path: Path) -> AsyncIterator[Controller]:
     settings = controller_settings(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'browservm.db'}")
-    async for running in run_controller(settings):
+    async with run_controller(settings) as running:
         yield running
 
 
@@ -140,7 +140,7 @@ async def test_a_queued_viewer_waits_its_turn_then_streams_then_says_cancelled(
     settings = controller_settings(
         tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'browservm.db'}", max_sandboxes=1, max_queued_sessions=4
     )
-    async for controller in run_controller(settings):
+    async with run_controller(settings) as controller:
         client = controller.client
         first = (await client.post("/v1/sessions", json={"user_id": "w1", "provider": "demo"})).json()
         await controller.wait_status(first["id"], "starting", "awaiting_user")
@@ -184,7 +184,7 @@ async def test_failed_and_expired_endings_say_why_in_words_for_the_user(
         f"sqlite+aiosqlite:///{tmp_path / 'browservm.db'}",
         session_ttl_s=20,  # long enough to stream on a loaded host, short enough to wait for
     )
-    async for controller in run_controller(settings):
+    async with run_controller(settings) as controller:
         client = controller.client
         broken = (
             await client.post(
