@@ -169,7 +169,7 @@ async def run(args: argparse.Namespace, results: Results) -> None:
     wrapper = state_dir / "chromium-in-viewer-netns"
     wrapper.write_text(f'#!/bin/sh\nexec ip netns exec {args.viewer_netns} {CHROMIUM} "$@"\n')
     wrapper.chmod(0o755)
-    async with contextlib.asynccontextmanager(run_controller)(settings) as controller:
+    async with run_controller(settings) as controller:
         profile = state_dir / "viewer-profile"
         sandbox = Path()
         page: Page | None = None

@@ -339,7 +339,7 @@ async def run(state_dir: Path, results: Results) -> None:
         turn_secret=secrets.token_urlsafe(16),
         turn_urls=[f"turn:127.0.0.1:{turn_port}?transport=udp", f"turn:127.0.0.1:{turn_port}?transport=tcp"],
     )
-    async with contextlib.asynccontextmanager(run_controller)(settings) as controller:
+    async with run_controller(settings) as controller:
         # Inside the state directory, which the outer test removes even if this process is killed.
         profile = state_dir / "viewer-profile"
         pages: list[Page] = []
