@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import dataclasses
 import itertools
 import json
 import re
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import psutil
 import structlog
@@ -276,44 +274,29 @@ class FirecrackerBackend(SandboxBackend):
         for existing in (layout.dir, layout.jail_dir):
             if existing is not None and existing.exists():
                 raise SandboxError(sandbox_id, f"{existing} already exists: destroy that sandbox first")
+        handle = SandboxHandle.of(
+            sandbox_id, self.name, spec.role, FirecrackerRuntime.of(layout, network, None)
+        )
         started = time.monotonic()
-        detail = ""
-
-        def keep_logs() -> None:
-            nonlocal detail
-            detail = layout.logs_tail()
-
         try:
-            # Each undo is registered as its resource is taken; on a failure they run last first.
-            async with contextlib.AsyncExitStack() as undo:
-                layout.dir.mkdir(parents=True, mode=0o700)
-                undo.push_async_callback(asyncio.to_thread, shutil.rmtree, layout.dir, ignore_errors=True)
-                if layout.jail_dir is not None:
-                    undo.push_async_callback(
-                        asyncio.to_thread, shutil.rmtree, layout.jail_dir, ignore_errors=True
-                    )
-                layout.root.mkdir(parents=True, exist_ok=True)
-                undo.callback(keep_logs)  # before the directories go
-                await create_overlay(layout.host(OVERLAY), spec.resources.disk_mib)
-                if self.jailer is not None:
-                    await asyncio.to_thread(self.jailer.prepare, layout.root, self._jail_links(image))
-                # Registered first: a TAP half made is removed too.
-                undo.push_async_callback(
-                    _quietly, sandbox_id, detach_tap, sandbox_id, network.netns, network.tap
-                )
-                await attach_tap(sandbox_id, network, owner=self._owner())
-                vm = MicroVM(
-                    sandbox_id, layout, firecracker=self.firecracker, netns=network.netns, jailer=self.jailer
-                )
-                undo.push_async_callback(_quietly, sandbox_id, self._stop, sandbox_id, vm)
-                await vm.launch(API_READY_S)
-                self._vms[sandbox_id] = vm
-                handle = SandboxHandle.of(
-                    sandbox_id, self.name, spec.role, FirecrackerRuntime.of(layout, network, vm)
-                )
-                await vm.boot(self._config(spec, network, image, layout))
-                undo.pop_all()
+            layout.dir.mkdir(parents=True, mode=0o700)
+            layout.root.mkdir(parents=True, exist_ok=True)
+            await create_overlay(layout.host(OVERLAY), spec.resources.disk_mib)
+            if self.jailer is not None:
+                await asyncio.to_thread(self.jailer.prepare, layout.root, self._jail_links(image))
+            await attach_tap(sandbox_id, network, owner=self._owner())
+            vm = MicroVM(
+                sandbox_id, layout, firecracker=self.firecracker, netns=network.netns, jailer=self.jailer
+            )
+            await vm.launch(API_READY_S)
+            self._vms[sandbox_id] = vm
+            handle = SandboxHandle.of(
+                sandbox_id, self.name, spec.role, FirecrackerRuntime.of(layout, network, vm)
+            )
+            await vm.boot(self._config(spec, network, image, layout))
         except BaseException as exc:
+            detail = layout.logs_tail()
+            await self.destroy(handle)
             if isinstance(exc, SandboxError):
                 raise
             if isinstance(exc, (FirecrackerError, DiskError, OSError)):
@@ -371,24 +354,20 @@ class FirecrackerBackend(SandboxBackend):
 
     async def _remove(self, sandbox_id: str, vm: MicroVM, network: VmNetwork | None) -> None:
         layout = vm.layout
-        await self._stop(sandbox_id, vm)
+        await vm.kill()
+        # A VMM started but not yet recorded (a crash between the two) is found by its command line.
+        for stray in await asyncio.to_thread(self._vmm_processes, layout, vm.vm_id):
+            await MicroVM(
+                sandbox_id, layout, firecracker=self.firecracker, netns="", pid=stray.pid,
+                start_time=stray.create_time(),
+            ).kill()  # fmt: skip
+        self._vms.pop(sandbox_id, None)
         if network is not None:
             await detach_tap(sandbox_id, network.netns, network.tap)
         await asyncio.to_thread(shutil.rmtree, layout.dir, ignore_errors=True)
         if layout.jail_dir is not None:
             await asyncio.to_thread(shutil.rmtree, layout.jail_dir, ignore_errors=True)
         log.info("sandbox.destroyed", sandbox_id=sandbox_id, backend=self.name)
-
-    async def _stop(self, sandbox_id: str, vm: MicroVM) -> None:
-        """End the VMM, and any other naming the VM (one started but not yet recorded, a crash between
-        the two), found by its command line."""
-        await vm.kill()
-        for stray in await asyncio.to_thread(self._vmm_processes, vm.layout, vm.vm_id):
-            await MicroVM(
-                sandbox_id, vm.layout, firecracker=self.firecracker, netns="", pid=stray.pid,
-                start_time=stray.create_time(),
-            ).kill()  # fmt: skip
-        self._vms.pop(sandbox_id, None)
 
     def _vmm_processes(self, layout: VmLayout, vm_id: str) -> list[psutil.Process]:
         api_socket = str(layout.host(API_SOCKET)) if layout.jail_dir is None else None
@@ -498,14 +477,6 @@ class FirecrackerBackend(SandboxBackend):
     async def close(self) -> None:
         # The VMs keep running (a restarted controller adopts them); only their reaping stops here.
         self._vms.clear()
-
-
-async def _quietly(sandbox_id: str, step: Callable[..., Awaitable[None]], *args: Any) -> None:
-    """One undo of a failed create: its own failure is logged, never raised over the one that made it."""
-    try:
-        await step(*args)
-    except Exception as exc:
-        log.error("firecracker.undo_failed", sandbox_id=sandbox_id, step=step.__name__, error=str(exc))
 
 
 def _jailed_vmm(cmdline: list[str], firecracker: str, vm_id: str) -> bool:

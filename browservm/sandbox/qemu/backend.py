@@ -31,7 +31,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -286,7 +286,11 @@ class QemuBackend(SandboxBackend):
         except LookupError as exc:
             raise SandboxError(spec.sandbox_id, str(exc)) from exc
         network = VmNetwork.from_spec(spec)
-        seccomp = await asyncio.to_thread(self.seccomp)
+        self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.sandboxes_dir, 0o711)  # noqa: S103 - entered by nobody but root; QEMU runs in its own
+        uid = self._pick_uid()
+        files.dir.mkdir(mode=0o700)
+        os.chown(files.dir, uid, uid)
         config = VmConfig(
             sandbox_id=spec.sandbox_id,
             image=image,
@@ -295,89 +299,39 @@ class QemuBackend(SandboxBackend):
             memory_mib=spec.resources.memory_mib,
             accel=self.accel,
             network=network,
-            uid=self._pick_uid(),
+            uid=uid,
             groups=self._groups(self.accel),
-            seccomp=seccomp,
+            seccomp=await asyncio.to_thread(self.seccomp),
             host_port=True,
         )
+        handle = self._record(spec, files, QemuRuntime.of(files, config, None))
         started = time.monotonic()
-        handle, vm = await self._start(
-            spec,
-            files,
-            config,
-            disk=lambda: create_overlay(files.overlay, spec.resources.disk_mib, owner=config.uid),
-            failure="cannot start the VM",
-        )
+        try:
+            await create_overlay(files.overlay, spec.resources.disk_mib, owner=uid)
+            if network is not None:
+                await attach_tap(spec.sandbox_id, network)
+            vm = QemuVM(spec.sandbox_id, files, qemu=self.qemu)
+            self._vms[spec.sandbox_id] = vm
+            await vm.launch(config, ready_s=LAUNCH_READY_S)
+            handle = self._record(spec, files, QemuRuntime.of(files, config, vm))
+        except BaseException as exc:
+            detail = files.logs_tail()
+            await self.destroy(handle)
+            if isinstance(exc, SandboxError):
+                raise
+            if isinstance(exc, (VmError, DiskError, OSError)):
+                raise SandboxError(spec.sandbox_id, f"cannot start the VM: {exc}", detail=detail) from exc
+            raise
         log.info(
             "sandbox.started",
             sandbox_id=spec.sandbox_id,
             backend=self.name,
             accel=config.accel,
             pid=vm.pid,
-            uid=config.uid,
+            uid=uid,
             after_s=round(time.monotonic() - started, 3),
         )
         return handle
-
-    async def _start(
-        self,
-        spec: SandboxSpec,
-        files: VmFiles,
-        config: VmConfig,
-        *,
-        disk: Callable[[], Awaitable[None]],
-        incoming: Path | None = None,
-        settle: Callable[[QemuVM], Awaitable[None]] | None = None,
-        failure: str,
-    ) -> tuple[SandboxHandle, QemuVM]:
-        """What create and restore share: the VM's directory (owned by ``config.uid``) and record, its
-        disk (``disk`` makes it), its TAP, and QEMU (on the migration stream ``incoming`` if given), then
-        ``settle``. Each undo is registered as its resource is taken and, on a failure, they run last
-        first; the failure is raised as :class:`SandboxError` (``failure``: what could not be done) with
-        the VM's logs."""
-        detail = ""
-
-        def keep_logs() -> None:
-            nonlocal detail
-            detail = files.logs_tail()
-
-        try:
-            async with contextlib.AsyncExitStack() as undo:
-                # No await since the caller picked config.uid: the directory's owner marks it taken.
-                self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
-                os.chmod(self.sandboxes_dir, 0o711)  # noqa: S103 - QEMU runs in a directory of its own
-                files.dir.mkdir(mode=0o700)
-                undo.push_async_callback(asyncio.to_thread, shutil.rmtree, files.dir, ignore_errors=True)
-                undo.callback(keep_logs)  # before the directory goes
-                os.chown(files.dir, config.uid, config.uid)
-                self._record(spec, files, QemuRuntime.of(files, config, None))
-                await disk()
-                if config.network is not None:
-                    # Registered first: a TAP half made is removed too.
-                    undo.push_async_callback(
-                        _quietly,
-                        spec.sandbox_id,
-                        detach_tap,
-                        spec.sandbox_id,
-                        config.network.netns,
-                        config.network.tap,
-                    )
-                    await attach_tap(spec.sandbox_id, config.network)
-                vm = QemuVM(spec.sandbox_id, files, qemu=self.qemu)
-                self._vms[spec.sandbox_id] = vm
-                undo.push_async_callback(_quietly, spec.sandbox_id, self._stop, spec.sandbox_id, files, vm)
-                await vm.launch(config, incoming=incoming, ready_s=LAUNCH_READY_S)
-                handle = self._record(spec, files, QemuRuntime.of(files, config, vm))
-                if settle is not None:
-                    await settle(vm)
-                undo.pop_all()
-        except BaseException as exc:
-            if isinstance(exc, SandboxError):
-                raise
-            if isinstance(exc, (VmError, DiskError, OSError)):
-                raise SandboxError(spec.sandbox_id, f"{failure}: {exc}", detail=detail) from exc
-            raise
-        return handle, vm
 
     async def connect(self, handle: SandboxHandle, *, timeout_s: float) -> Channel:
         """Connect to the channel socket and wait for the agent's Hello.
@@ -488,22 +442,18 @@ class QemuBackend(SandboxBackend):
         await self._remove(sandbox_id, files, vm, recorded.network if recorded else None)
 
     async def _remove(self, sandbox_id: str, files: VmFiles, vm: QemuVM, network: VmNetwork | None) -> None:
-        await self._stop(sandbox_id, files, vm)
-        if network is not None:
-            await detach_tap(sandbox_id, network.netns, network.tap)
-        await asyncio.to_thread(shutil.rmtree, files.dir, ignore_errors=True)
-        log.info("sandbox.destroyed", sandbox_id=sandbox_id, backend=self.name)
-
-    async def _stop(self, sandbox_id: str, files: VmFiles, vm: QemuVM) -> None:
-        """End QEMU, and any other QEMU running in the VM's directory (one started but not yet recorded,
-        a crash between the two)."""
         await vm.kill()
+        # A QEMU started but not yet recorded (a crash between the two) is found by where it runs.
         for stray in await asyncio.to_thread(processes_in, files.dir):
             with contextlib.suppress(Exception):
                 await QemuVM(
                     sandbox_id, files, qemu=self.qemu, pid=stray.pid, start_time=stray.create_time()
                 ).kill()
         self._vms.pop(sandbox_id, None)
+        if network is not None:
+            await detach_tap(sandbox_id, network.netns, network.tap)
+        await asyncio.to_thread(shutil.rmtree, files.dir, ignore_errors=True)
+        log.info("sandbox.destroyed", sandbox_id=sandbox_id, backend=self.name)
 
     async def probe(self, handle: SandboxHandle) -> Liveness:
         vm = self._vm(handle)
@@ -658,40 +608,46 @@ class QemuBackend(SandboxBackend):
             raise SandboxError(
                 spec.sandbox_id, "a snapshot restores only into a sandbox with a network if it had one"
             )
+        uid = self._pick_uid()
+        files.dir.mkdir(mode=0o700)
+        os.chown(files.dir, uid, uid)
         config = dataclasses.replace(
             template,
             sandbox_id=spec.sandbox_id,
             network=network,
             nic_mac=template.nic_mac or (template.network.mac if template.network else None),
-            uid=self._pick_uid(),
+            uid=uid,
             groups=self._groups(template.accel),
         )
+        handle = self._record(spec, files, QemuRuntime.of(files, config, None))
         started = time.monotonic()
-
-        async def take_identity(vm: QemuVM) -> None:
+        try:
+            await _copy_disk(source / "overlay.ext4", files.overlay, owner=uid)
+            if network is not None:
+                await attach_tap(spec.sandbox_id, network)
+            vm = QemuVM(spec.sandbox_id, files, qemu=self.qemu)
+            self._vms[spec.sandbox_id] = vm
+            await vm.launch(config, incoming=source / "vmstate", ready_s=LAUNCH_READY_S)
+            handle = self._record(spec, files, QemuRuntime.of(files, config, vm))
             await vm.wait_running(RESTORE_TIMEOUT_S)
-            log.info(
-                "qemu.snapshot_loaded",
-                sandbox_id=spec.sandbox_id,
-                snapshot_id=snapshot.snapshot_id,
-                load_s=round(time.monotonic() - started, 3),
-            )
+            loaded = time.monotonic()
             await vm.tell_guest(_rebirth(spec.sandbox_id, network), IDENTITY_TIMEOUT_S)
-
-        handle, vm = await self._start(
-            spec,
-            files,
-            config,
-            disk=lambda: _copy_disk(source / "overlay.ext4", files.overlay, owner=config.uid),
-            incoming=source / "vmstate",
-            settle=take_identity,
-            failure=f"cannot restore snapshot {snapshot.snapshot_id}",
-        )
+        except BaseException as exc:
+            detail = files.logs_tail()
+            await self.destroy(handle)
+            if isinstance(exc, SandboxError):
+                raise
+            if isinstance(exc, (VmError, DiskError, OSError)):
+                raise SandboxError(
+                    spec.sandbox_id, f"cannot restore snapshot {snapshot.snapshot_id}: {exc}", detail=detail
+                ) from exc
+            raise
         log.info(
             "sandbox.restored",
             sandbox_id=spec.sandbox_id,
             snapshot_id=snapshot.snapshot_id,
             pid=vm.pid,
+            load_s=round(loaded - started, 3),
             after_s=round(time.monotonic() - started, 3),
         )
         return handle
@@ -738,14 +694,6 @@ class QemuBackend(SandboxBackend):
     async def close(self) -> None:
         # The VMs keep running (a restarted controller adopts them); only their reaping stops here.
         self._vms.clear()
-
-
-async def _quietly(sandbox_id: str, step: Callable[..., Awaitable[None]], *args: Any) -> None:
-    """One undo of a failed start: its own failure is logged, never raised over the one that made it."""
-    try:
-        await step(*args)
-    except Exception as exc:
-        log.error("qemu.undo_failed", sandbox_id=sandbox_id, step=step.__name__, error=str(exc))
 
 
 def _rebirth(sandbox_id: str | None, network: VmNetwork | None) -> dict[str, Any]:
