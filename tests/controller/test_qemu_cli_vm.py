@@ -7,24 +7,16 @@ import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from browservm.sandbox.image import BuildResult
 from tests.controller.conftest import Controller, controller_settings, run_controller
 from tests.sandbox.image.conftest import image_caches, image_store, minimal_build
+from tests.support.qemu import qemu_processes
 
 __all__ = ["image_caches", "image_store", "minimal_build"]
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-def qemu_vms(state_dir: Path) -> list[psutil.Process]:
-    return [
-        p
-        for p in psutil.process_iter(["name", "cwd"])
-        if (p.info["name"] or "").startswith("qemu") and str(state_dir) in (p.info["cwd"] or "")
-    ]
 
 
 @pytest.fixture
@@ -47,7 +39,7 @@ async def qemu_controller(tmp_path: Path, minimal_build: BuildResult) -> AsyncIt
     )
     async with run_controller(settings) as running:
         yield running
-    assert not qemu_vms(settings.state_dir)
+    assert not qemu_processes(settings.state_dir)
 
 
 async def test_a_cli_vm_through_the_api_is_a_qemu_vm_that_runs_commands_and_hibernates(
@@ -59,7 +51,7 @@ async def test_a_cli_vm_through_the_api_is_a_qemu_vm_that_runs_commands_and_hibe
 
     await api.cli_vms.create("dana")
     assert (await api.cli_vms.get("dana")).state == "running"
-    (vm,) = qemu_vms(qemu_controller.settings.state_dir)
+    (vm,) = qemu_processes(qemu_controller.settings.state_dir)
     assert vm.uids().real != 0
 
     result = await api.cli_vms.exec("dana", ["sh", "-c", "echo kept > note.txt; cat /proc/cmdline"])
@@ -68,11 +60,11 @@ async def test_a_cli_vm_through_the_api_is_a_qemu_vm_that_runs_commands_and_hibe
     assert "browservm.listen=serial:/dev/virtio-ports/org.browservm.agent" in output
 
     assert (await api.cli_vms.hibernate("dana")).state == "hibernated"
-    assert not qemu_vms(qemu_controller.settings.state_dir)
+    assert not qemu_processes(qemu_controller.settings.state_dir)
     assert (await api.cli_vms.resume("dana")).state == "running"
     result = await api.cli_vms.exec("dana", ["cat", "note.txt"])
     assert "".join(chunk.data for chunk in result.output) == "kept\n"
     assert result.exit_code == 0
 
     await api.cli_vms.delete("dana")
-    assert not qemu_vms(qemu_controller.settings.state_dir)
+    assert not qemu_processes(qemu_controller.settings.state_dir)

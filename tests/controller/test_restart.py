@@ -31,6 +31,7 @@ from browservm_client import Client
 from tests.controller.conftest import free_port, free_subnet, remove_everything
 from tests.controller.demo_login import WHOAMI, fill_in_login
 from tests.demo.oauth_server import demo_oauth_server
+from tests.support.qemu import qemu_processes
 from tests.support.warm_pool import sandboxes_in, wait_warm
 
 BIN = Path(sys.executable).parent / "browservm"
@@ -281,13 +282,9 @@ def test_a_cli_vm_outlives_a_restart_and_ends_itself_when_no_controller_comes(se
     _wait_for(lambda: not _sandbox_processes(vm.sandbox_id), 20, "the CLI VM outlived its idle timeout")
 
 
-def _qemu_vms(state_dir: Path) -> dict[str, int]:
-    """The QEMU processes of this controller's VMs: pid by the VM's directory (QEMU runs in it)."""
-    found = {}
-    for proc in psutil.process_iter(["name", "cwd"]):
-        if (proc.info["name"] or "").startswith("qemu") and str(state_dir) in (proc.info["cwd"] or ""):
-            found[Path(proc.info["cwd"]).name] = proc.pid
-    return found
+def _qemu_vms(state_dir: Path) -> set[str]:
+    """The sandboxes whose QEMU runs (by its working directory, the VM's)."""
+    return {Path(process.info["cwd"]).name for process in qemu_processes(state_dir)}
 
 
 def _netns() -> str:
@@ -326,10 +323,10 @@ def test_kill_9_with_qemu_vms_adopts_the_cli_vm_and_removes_the_rest(serve: Serv
     (warm,) = asyncio.run(wait_warm(database_url, timeout_s=900))
     saved = set(os.listdir(snapshots))
     assert saved, "the pool's warm VM was restored from a snapshot"
-    assert set(_qemu_vms(state_dir)) == {cli_vm, warm}
+    assert _qemu_vms(state_dir) == {cli_vm, warm}
 
     serve.kill9()
-    assert set(_qemu_vms(state_dir)) == {cli_vm, warm}, "the VMs outlive their controller"
+    assert _qemu_vms(state_dir) == {cli_vm, warm}, "the VMs outlive their controller"
     serve.start()
 
     # The CLI VM is adopted, not replaced: the same VM, with the file written before the kill.
@@ -348,5 +345,5 @@ def test_kill_9_with_qemu_vms_adopts_the_cli_vm_and_removes_the_rest(serve: Serv
 
     client.cli_vms.delete("alice")
     assert serve.terminate() in (0, -signal.SIGTERM)
-    assert set(_qemu_vms(state_dir)) == set(), "the warm VM goes at shutdown, the CLI VM at delete"
+    assert _qemu_vms(state_dir) == set(), "the warm VM goes at shutdown, the CLI VM at delete"
     assert cli_vm not in _netns()

@@ -6,13 +6,13 @@ import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from browservm.sandbox.image import BuildResult
 from browservm.sandbox.qemu import QemuBackend
 from browservm.sandbox.qemu.machine import VmImage
 from tests.sandbox.image.conftest import image_caches, image_store, minimal_build
+from tests.support.qemu import qemu_processes
 
 __all__ = ["image_caches", "image_store", "minimal_build"]
 
@@ -36,11 +36,3 @@ async def qemu_backend(state_dir: Path, vm_image: VmImage) -> AsyncIterator[Qemu
         await backend.destroy_orphan(sandbox_id)
     await backend.close()
     assert not qemu_processes(state_dir), "a test left QEMU running"
-
-
-def qemu_processes(state_dir: Path) -> list[psutil.Process]:
-    found = []
-    for process in psutil.process_iter(["name", "cwd"]):
-        if (process.info["name"] or "").startswith("qemu") and str(state_dir) in (process.info["cwd"] or ""):
-            found.append(process)
-    return found

@@ -12,9 +12,10 @@ import pytest
 from browservm.sandbox.base import SandboxHandle
 from browservm.sandbox.qemu import QemuBackend
 from browservm.sandbox.vm_network import tap_exists
-from tests.sandbox.qemu.conftest import BOOT_TIMEOUT_S, qemu_processes
+from tests.sandbox.qemu.conftest import BOOT_TIMEOUT_S
 from tests.support.commands import shell
 from tests.support.network import BackendNetwork
+from tests.support.qemu import qemu_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
