@@ -10,12 +10,12 @@ import asyncio
 import contextlib
 import ipaddress
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 import structlog
 from sqlalchemy.exc import IntegrityError
 
+from browservm.cleanup import Cleanup
 from browservm.controller.metrics import Metrics
 from browservm.controller.notifier import Notifier
 from browservm.sandbox.base import (
@@ -105,12 +105,11 @@ class SandboxService:
         )
         started = time.perf_counter()
         try:
-            # Each resource's undo is registered the moment it is taken and runs, last first, on failure.
-            async with contextlib.AsyncExitStack() as undo:
+            async with Cleanup("sandbox.undo_failed", sandbox_id=record.id) as undo:
                 network = NetworkSpec()
                 if self.network is not None:
                     network = await self._attach(record.id)
-                    undo.push_async_callback(_quietly, self._detach, record.id)
+                    undo.push(self._detach, record.id)
                     # A CLI VM's grant is its user's (CliVmService.grant); a browser's, its session's.
                     if role == "browser" and network.address is not None:
                         await self.network.map_media(record.id, ipaddress.IPv4Address(network.address))
@@ -125,11 +124,11 @@ class SandboxService:
                     handle = await self.backend.restore(snapshot, spec)
                 else:
                     handle = await self.backend.create(spec)
-                undo.push_async_callback(_quietly, self.backend.destroy, handle)
+                undo.push(self.backend.destroy, handle)
                 async with self.db.session() as db:
                     await sandbox_store.set_runtime(db, record.id, dict(handle.runtime))
                 channel = await self.backend.connect(handle, timeout_s=self.boot_timeout_s)
-                undo.pop_all()
+                undo.keep()
         except BaseException as exc:
             reason = _reason(exc)
             log.warning("sandbox.start_failed", sandbox_id=record.id, reason=reason)
@@ -364,14 +363,6 @@ class SandboxService:
     def _notify(self, record: Sandbox) -> None:
         if record.session_id:
             self.notifier.notify(record.session_id)
-
-
-async def _quietly(undo: Callable[[Any], Awaitable[None]], what: Any) -> None:
-    """Run one step of a failed start's undo; its own failure is logged, never raised over the first."""
-    try:
-        await undo(what)
-    except Exception as exc:
-        log.error("sandbox.undo_failed", step=getattr(undo, "__name__", str(undo)), error=str(exc))
 
 
 def _reason(exc: BaseException) -> str:
