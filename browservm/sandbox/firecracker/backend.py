@@ -33,6 +33,7 @@ import psutil
 import structlog
 
 from browservm import protocol
+from browservm.cleanup import Cleanup
 from browservm.sandbox.base import (
     BackendReadiness,
     Liveness,
@@ -274,34 +275,40 @@ class FirecrackerBackend(SandboxBackend):
         for existing in (layout.dir, layout.jail_dir):
             if existing is not None and existing.exists():
                 raise SandboxError(sandbox_id, f"{existing} already exists: destroy that sandbox first")
-        handle = SandboxHandle.of(
-            sandbox_id, self.name, spec.role, FirecrackerRuntime.of(layout, network, None)
-        )
         started = time.monotonic()
-        try:
-            layout.dir.mkdir(parents=True, mode=0o700)
-            layout.root.mkdir(parents=True, exist_ok=True)
-            await create_overlay(layout.host(OVERLAY), spec.resources.disk_mib)
-            if self.jailer is not None:
-                await asyncio.to_thread(self.jailer.prepare, layout.root, self._jail_links(image))
-            await attach_tap(sandbox_id, network, owner=self._owner())
-            vm = MicroVM(
-                sandbox_id, layout, firecracker=self.firecracker, netns=network.netns, jailer=self.jailer
-            )
-            await vm.launch(API_READY_S)
-            self._vms[sandbox_id] = vm
-            handle = SandboxHandle.of(
-                sandbox_id, self.name, spec.role, FirecrackerRuntime.of(layout, network, vm)
-            )
-            await vm.boot(self._config(spec, network, image, layout))
-        except BaseException as exc:
+        detail = ""
+
+        def keep_logs() -> None:
+            nonlocal detail
             detail = layout.logs_tail()
-            await self.destroy(handle)
-            if isinstance(exc, SandboxError):
-                raise
-            if isinstance(exc, (FirecrackerError, DiskError, OSError)):
-                raise SandboxError(sandbox_id, f"cannot create the microVM: {exc}", detail=detail) from exc
-            raise
+
+        try:
+            async with Cleanup("firecracker.undo_failed", sandbox_id=sandbox_id) as undo:
+                layout.dir.mkdir(parents=True, mode=0o700)
+                undo.push(asyncio.to_thread, shutil.rmtree, layout.dir, ignore_errors=True)
+                if layout.jail_dir is not None:
+                    undo.push(asyncio.to_thread, shutil.rmtree, layout.jail_dir, ignore_errors=True)
+                layout.root.mkdir(parents=True, exist_ok=True)
+                undo.callback(keep_logs)  # before the directories go
+                await create_overlay(layout.host(OVERLAY), spec.resources.disk_mib)
+                if self.jailer is not None:
+                    await asyncio.to_thread(self.jailer.prepare, layout.root, self._jail_links(image))
+                # Registered first: a TAP half made is removed too.
+                undo.push(detach_tap, sandbox_id, network.netns, network.tap)
+                await attach_tap(sandbox_id, network, owner=self._owner())
+                vm = MicroVM(
+                    sandbox_id, layout, firecracker=self.firecracker, netns=network.netns, jailer=self.jailer
+                )
+                undo.push(self._stop, sandbox_id, vm)
+                await vm.launch(API_READY_S)
+                self._vms[sandbox_id] = vm
+                handle = SandboxHandle.of(
+                    sandbox_id, self.name, spec.role, FirecrackerRuntime.of(layout, network, vm)
+                )
+                await vm.boot(self._config(spec, network, image, layout))
+                undo.keep()
+        except (FirecrackerError, DiskError, OSError) as exc:
+            raise SandboxError(sandbox_id, f"cannot create the microVM: {exc}", detail=detail) from exc
         log.info(
             "sandbox.started",
             sandbox_id=sandbox_id,
@@ -354,20 +361,24 @@ class FirecrackerBackend(SandboxBackend):
 
     async def _remove(self, sandbox_id: str, vm: MicroVM, network: VmNetwork | None) -> None:
         layout = vm.layout
-        await vm.kill()
-        # A VMM started but not yet recorded (a crash between the two) is found by its command line.
-        for stray in await asyncio.to_thread(self._vmm_processes, layout, vm.vm_id):
-            await MicroVM(
-                sandbox_id, layout, firecracker=self.firecracker, netns="", pid=stray.pid,
-                start_time=stray.create_time(),
-            ).kill()  # fmt: skip
-        self._vms.pop(sandbox_id, None)
+        await self._stop(sandbox_id, vm)
         if network is not None:
             await detach_tap(sandbox_id, network.netns, network.tap)
         await asyncio.to_thread(shutil.rmtree, layout.dir, ignore_errors=True)
         if layout.jail_dir is not None:
             await asyncio.to_thread(shutil.rmtree, layout.jail_dir, ignore_errors=True)
         log.info("sandbox.destroyed", sandbox_id=sandbox_id, backend=self.name)
+
+    async def _stop(self, sandbox_id: str, vm: MicroVM) -> None:
+        """End the VMM, and any other naming the VM (one started but not yet recorded, a crash between
+        the two), found by its command line."""
+        await vm.kill()
+        for stray in await asyncio.to_thread(self._vmm_processes, vm.layout, vm.vm_id):
+            await MicroVM(
+                sandbox_id, vm.layout, firecracker=self.firecracker, netns="", pid=stray.pid,
+                start_time=stray.create_time(),
+            ).kill()  # fmt: skip
+        self._vms.pop(sandbox_id, None)
 
     def _vmm_processes(self, layout: VmLayout, vm_id: str) -> list[psutil.Process]:
         api_socket = str(layout.host(API_SOCKET)) if layout.jail_dir is None else None

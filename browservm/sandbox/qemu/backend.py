@@ -31,7 +31,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +39,7 @@ import structlog
 from pydantic import ValidationError
 
 from browservm import protocol
+from browservm.cleanup import Cleanup
 from browservm.sandbox.base import (
     BackendReadiness,
     GuestImage,
@@ -286,11 +287,7 @@ class QemuBackend(SandboxBackend):
         except LookupError as exc:
             raise SandboxError(spec.sandbox_id, str(exc)) from exc
         network = VmNetwork.from_spec(spec)
-        self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.sandboxes_dir, 0o711)  # noqa: S103 - entered by nobody but root; QEMU runs in its own
-        uid = self._pick_uid()
-        files.dir.mkdir(mode=0o700)
-        os.chown(files.dir, uid, uid)
+        seccomp = await asyncio.to_thread(self.seccomp)
         config = VmConfig(
             sandbox_id=spec.sandbox_id,
             image=image,
@@ -299,39 +296,78 @@ class QemuBackend(SandboxBackend):
             memory_mib=spec.resources.memory_mib,
             accel=self.accel,
             network=network,
-            uid=uid,
+            uid=self._pick_uid(),
             groups=self._groups(self.accel),
-            seccomp=await asyncio.to_thread(self.seccomp),
+            seccomp=seccomp,
             host_port=True,
         )
-        handle = self._record(spec, files, QemuRuntime.of(files, config, None))
         started = time.monotonic()
-        try:
-            await create_overlay(files.overlay, spec.resources.disk_mib, owner=uid)
-            if network is not None:
-                await attach_tap(spec.sandbox_id, network)
-            vm = QemuVM(spec.sandbox_id, files, qemu=self.qemu)
-            self._vms[spec.sandbox_id] = vm
-            await vm.launch(config, ready_s=LAUNCH_READY_S)
-            handle = self._record(spec, files, QemuRuntime.of(files, config, vm))
-        except BaseException as exc:
-            detail = files.logs_tail()
-            await self.destroy(handle)
-            if isinstance(exc, SandboxError):
-                raise
-            if isinstance(exc, (VmError, DiskError, OSError)):
-                raise SandboxError(spec.sandbox_id, f"cannot start the VM: {exc}", detail=detail) from exc
-            raise
+        handle, vm = await self._start(
+            spec,
+            files,
+            config,
+            disk=lambda: create_overlay(files.overlay, spec.resources.disk_mib, owner=config.uid),
+            failure="cannot start the VM",
+        )
         log.info(
             "sandbox.started",
             sandbox_id=spec.sandbox_id,
             backend=self.name,
             accel=config.accel,
             pid=vm.pid,
-            uid=uid,
+            uid=config.uid,
             after_s=round(time.monotonic() - started, 3),
         )
         return handle
+
+    async def _start(
+        self,
+        spec: SandboxSpec,
+        files: VmFiles,
+        config: VmConfig,
+        *,
+        disk: Callable[[], Awaitable[None]],
+        incoming: Path | None = None,
+        settle: Callable[[QemuVM], Awaitable[None]] | None = None,
+        failure: str,
+    ) -> tuple[SandboxHandle, QemuVM]:
+        """What create and restore share: the VM's directory (owned by ``config.uid``) and record, its
+        disk (``disk`` makes it), its TAP, and QEMU (on the migration stream ``incoming`` if given), then
+        ``settle``. Each undo is registered as its resource is taken; on a failure they run last first,
+        and the failure is raised as :class:`SandboxError` (``failure``: what could not be done) with the
+        VM's logs."""
+        detail = ""
+
+        def keep_logs() -> None:
+            nonlocal detail
+            detail = files.logs_tail()
+
+        try:
+            async with Cleanup("qemu.undo_failed", sandbox_id=spec.sandbox_id) as undo:
+                # No await since the caller picked config.uid: the directory's owner marks it taken.
+                self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
+                os.chmod(self.sandboxes_dir, 0o711)  # noqa: S103 - QEMU runs in a directory of its own
+                files.dir.mkdir(mode=0o700)
+                undo.push(asyncio.to_thread, shutil.rmtree, files.dir, ignore_errors=True)
+                undo.callback(keep_logs)  # before the directory goes
+                os.chown(files.dir, config.uid, config.uid)
+                self._record(spec, files, QemuRuntime.of(files, config, None))
+                await disk()
+                if config.network is not None:
+                    # Registered first: a TAP half made is removed too.
+                    undo.push(detach_tap, spec.sandbox_id, config.network.netns, config.network.tap)
+                    await attach_tap(spec.sandbox_id, config.network)
+                vm = QemuVM(spec.sandbox_id, files, qemu=self.qemu)
+                self._vms[spec.sandbox_id] = vm
+                undo.push(self._stop, spec.sandbox_id, files, vm)
+                await vm.launch(config, incoming=incoming, ready_s=LAUNCH_READY_S)
+                handle = self._record(spec, files, QemuRuntime.of(files, config, vm))
+                if settle is not None:
+                    await settle(vm)
+                undo.keep()
+        except (VmError, DiskError, OSError) as exc:
+            raise SandboxError(spec.sandbox_id, f"{failure}: {exc}", detail=detail) from exc
+        return handle, vm
 
     async def connect(self, handle: SandboxHandle, *, timeout_s: float) -> Channel:
         """Connect to the channel socket and wait for the agent's Hello.
@@ -442,18 +478,22 @@ class QemuBackend(SandboxBackend):
         await self._remove(sandbox_id, files, vm, recorded.network if recorded else None)
 
     async def _remove(self, sandbox_id: str, files: VmFiles, vm: QemuVM, network: VmNetwork | None) -> None:
+        await self._stop(sandbox_id, files, vm)
+        if network is not None:
+            await detach_tap(sandbox_id, network.netns, network.tap)
+        await asyncio.to_thread(shutil.rmtree, files.dir, ignore_errors=True)
+        log.info("sandbox.destroyed", sandbox_id=sandbox_id, backend=self.name)
+
+    async def _stop(self, sandbox_id: str, files: VmFiles, vm: QemuVM) -> None:
+        """End QEMU, and any other QEMU running in the VM's directory (one started but not yet recorded,
+        a crash between the two)."""
         await vm.kill()
-        # A QEMU started but not yet recorded (a crash between the two) is found by where it runs.
         for stray in await asyncio.to_thread(processes_in, files.dir):
             with contextlib.suppress(Exception):
                 await QemuVM(
                     sandbox_id, files, qemu=self.qemu, pid=stray.pid, start_time=stray.create_time()
                 ).kill()
         self._vms.pop(sandbox_id, None)
-        if network is not None:
-            await detach_tap(sandbox_id, network.netns, network.tap)
-        await asyncio.to_thread(shutil.rmtree, files.dir, ignore_errors=True)
-        log.info("sandbox.destroyed", sandbox_id=sandbox_id, backend=self.name)
 
     async def probe(self, handle: SandboxHandle) -> Liveness:
         vm = self._vm(handle)
@@ -608,40 +648,32 @@ class QemuBackend(SandboxBackend):
             raise SandboxError(
                 spec.sandbox_id, "a snapshot restores only into a sandbox with a network if it had one"
             )
-        uid = self._pick_uid()
-        files.dir.mkdir(mode=0o700)
-        os.chown(files.dir, uid, uid)
         config = dataclasses.replace(
             template,
             sandbox_id=spec.sandbox_id,
             network=network,
             nic_mac=template.nic_mac or (template.network.mac if template.network else None),
-            uid=uid,
+            uid=self._pick_uid(),
             groups=self._groups(template.accel),
         )
-        handle = self._record(spec, files, QemuRuntime.of(files, config, None))
         started = time.monotonic()
-        try:
-            await _copy_disk(source / "overlay.ext4", files.overlay, owner=uid)
-            if network is not None:
-                await attach_tap(spec.sandbox_id, network)
-            vm = QemuVM(spec.sandbox_id, files, qemu=self.qemu)
-            self._vms[spec.sandbox_id] = vm
-            await vm.launch(config, incoming=source / "vmstate", ready_s=LAUNCH_READY_S)
-            handle = self._record(spec, files, QemuRuntime.of(files, config, vm))
+        loaded = started
+
+        async def take_identity(vm: QemuVM) -> None:
+            nonlocal loaded
             await vm.wait_running(RESTORE_TIMEOUT_S)
             loaded = time.monotonic()
             await vm.tell_guest(_rebirth(spec.sandbox_id, network), IDENTITY_TIMEOUT_S)
-        except BaseException as exc:
-            detail = files.logs_tail()
-            await self.destroy(handle)
-            if isinstance(exc, SandboxError):
-                raise
-            if isinstance(exc, (VmError, DiskError, OSError)):
-                raise SandboxError(
-                    spec.sandbox_id, f"cannot restore snapshot {snapshot.snapshot_id}: {exc}", detail=detail
-                ) from exc
-            raise
+
+        handle, vm = await self._start(
+            spec,
+            files,
+            config,
+            disk=lambda: _copy_disk(source / "overlay.ext4", files.overlay, owner=config.uid),
+            incoming=source / "vmstate",
+            settle=take_identity,
+            failure=f"cannot restore snapshot {snapshot.snapshot_id}",
+        )
         log.info(
             "sandbox.restored",
             sandbox_id=spec.sandbox_id,
