@@ -123,6 +123,9 @@ class XvfbService(Service):
                     "tcp",
                     "-nolisten",
                     "local",
+                    # No server auto-repeat: the viewer's browser repeats a held key itself, and a key-up
+                    # that arrives late (a busy guest, a slow network) must not type the key again.
+                    "-r",
                     "-displayfd",
                     "3",
                 ],
