@@ -1,4 +1,4 @@
-"""FastAPI dependencies: the services, the caller's identity, viewer claims (HTTP and WebSocket).
+"""FastAPI dependencies: the services, the caller's identity, viewer claims, the admission of viewer WebSockets.
 
 A viewer (the page, a WHEP player) proves itself with the session's viewer token, as ``?token=`` or
 ``Authorization: Bearer``; the operator's API key is not one. This module is the only place that reads it.
@@ -6,6 +6,7 @@ A viewer (the page, a WHEP player) proves itself with the session's viewer token
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Protocol
 
 import structlog
@@ -15,7 +16,7 @@ from fastapi.responses import JSONResponse
 from browservm.controller.auth import Principal, ViewerClaims, verify_viewer_token
 from browservm.controller.errors import ApiError, error_body
 from browservm.controller.services import Services
-from browservm.controller.viewers import ViewerRegistry
+from browservm.controller.viewers import SocketKind, TooManyViewers, ViewerRegistry
 from browservm.sandbox.channel import Channel
 from browservm.settings import Settings
 from browservm.store import api_keys
@@ -117,7 +118,7 @@ def viewer_claims(
 ViewerDep = Annotated[ViewerClaims, Depends(viewer_claims)]
 
 
-async def deny_socket(websocket: WebSocket, status: int, code: str, message: str) -> None:
+async def _deny_socket(websocket: WebSocket, status: int, code: str, message: str) -> None:
     """Refuse a WebSocket before accepting it: a real HTTP status where the server can send one."""
     if "websocket.http.response" in websocket.scope.get("extensions", {}):
         await websocket.send_denial_response(JSONResponse(error_body(code, message), status))
@@ -126,7 +127,7 @@ async def deny_socket(websocket: WebSocket, status: int, code: str, message: str
         await websocket.close(code=4000 + status, reason=f"{code}: {message}"[:120])
 
 
-async def authorize_socket(websocket: WebSocket, session_id: str) -> tuple[ViewerClaims, Channel] | None:
+async def _authorize_socket(websocket: WebSocket, session_id: str) -> tuple[ViewerClaims, Channel] | None:
     """Check the viewer token and find the session's live channel; refuse the socket if either fails."""
     runtime = viewer_runtime(websocket.app.state)
     token = websocket.query_params.get("token") or _bearer(websocket.headers.get("authorization"))
@@ -135,6 +136,37 @@ async def authorize_socket(websocket: WebSocket, session_id: str) -> tuple[Viewe
         channel = await runtime.sessions.channel(session_id)
     except ApiError as exc:
         log.info("viewer.socket_refused", session_id=session_id, status=exc.status, code=exc.code)
-        await deny_socket(websocket, exc.status, exc.code, exc.message)
+        await _deny_socket(websocket, exc.status, exc.code, exc.message)
         return None
     return claims, channel
+
+
+_VIEWERS_NAMED: dict[SocketKind, str] = {"signal": "viewers", "vnc": "VNC viewers"}
+
+
+async def serve_viewer_socket(
+    websocket: WebSocket,
+    session_id: str,
+    kind: SocketKind,
+    serve: Callable[[WebSocket, str, Channel], Awaitable[None]],
+) -> None:
+    """Admit a viewer's ``kind`` WebSocket, then ``serve`` it on the session's channel.
+
+    The socket is refused before it is accepted when the viewer token or the session's channel is not
+    there (the :class:`ApiError`'s status) and when the session's ``kind`` places are all taken (429);
+    ``serve`` holds one of those places while it runs.
+    """
+    authorized = await _authorize_socket(websocket, session_id)
+    if authorized is None:
+        return
+    _claims, channel = authorized
+    try:
+        with viewer_runtime(websocket.app.state).viewers.socket(kind, session_id):
+            await serve(websocket, session_id, channel)
+    except TooManyViewers as exc:
+        await _deny_socket(
+            websocket,
+            429,
+            "too_many_viewers",
+            f"this session already has {exc.limit} {_VIEWERS_NAMED[kind]} connected; close one and retry",
+        )

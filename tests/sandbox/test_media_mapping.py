@@ -9,16 +9,17 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from browservm.sandbox import scope_of
 from browservm.sandbox.network import MediaNat, NetworkConfig, SandboxNetwork
+from tests.support.netns import PUBLIC_IP, VIEWER_IP, viewer_internet
 
-PUBLIC = ipaddress.IPv4Address("198.18.0.1")
-VIEWER = "198.18.0.2"
+PUBLIC = ipaddress.IPv4Address(PUBLIC_IP)
+VIEWER = VIEWER_IP
 
 _ECHO = """
 import socket
@@ -69,28 +70,10 @@ async def _ask(host: str, port: int, netns: str) -> str | None:
 
 
 @pytest.fixture
-async def viewer_netns() -> AsyncIterator[str]:
+def viewer_netns() -> Iterator[str]:
     """A namespace standing for the internet: 198.18.0.2, routed to the test's 198.18.0.1 ("public")."""
-    name = f"bvmt-view-{secrets.token_hex(3)}"
-    host_end = f"vw{secrets.token_hex(3)}"
-    cmds = [
-        ["ip", "netns", "add", name],
-        ["ip", "link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns", name],
-        ["ip", "address", "add", f"{PUBLIC}/24", "dev", host_end],
-        ["ip", "link", "set", host_end, "up"],
-        ["ip", "-n", name, "address", "add", f"{VIEWER}/24", "dev", "eth0"],
-        ["ip", "-n", name, "link", "set", "eth0", "up"],
-        ["ip", "-n", name, "link", "set", "lo", "up"],
-        ["ip", "-n", name, "route", "add", "default", "via", str(PUBLIC)],
-    ]
-    try:
-        for cmd in cmds:
-            code, _ = await _run(*cmd)
-            assert code == 0, cmd
+    with viewer_internet("bvmt-view") as name:
         yield name
-    finally:
-        await _run("ip", "link", "delete", host_end)
-        await _run("ip", "netns", "delete", name)
 
 
 @pytest.fixture

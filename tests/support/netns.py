@@ -5,8 +5,9 @@ A sandbox's loopback is its own: a test that watches the sandbox's Chromium thro
 belongs to the namespace its thread was in when it was made, so :func:`in_netns` runs the work on a
 thread of its own that has entered the namespace (``setns``) and is never reused.
 
-Tests that build namespaces of their own (a loopback-only one, a host and a viewer joined by a veth)
-make and remove them with :func:`ip` and :func:`kill_namespace`.
+Tests that build namespaces of their own take them from :func:`new_namespace` (loopback only) and
+:func:`viewer_internet` (a viewer's "internet" joined by a veth to a host's public address); both kill
+whatever runs inside and remove the namespace on the way out.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import secrets
 import signal
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -27,6 +29,8 @@ from browservm.sandbox import scope_of
 
 T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
+PUBLIC_IP, VIEWER_IP = "198.18.0.1", "198.18.0.2"
+"""The host's "public" address and the viewer's, from the benchmarking range (RFC 2544), never routed."""
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -85,3 +89,34 @@ def kill_namespace(namespace: str) -> None:
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.1)
     ip("netns", "del", namespace)
+
+
+@contextlib.contextmanager
+def new_namespace(prefix: str) -> Iterator[str]:
+    """A fresh network namespace ``<prefix>-<random>`` with its loopback up; removed on the way out."""
+    name = f"{prefix}-{secrets.token_hex(3)}"
+    ip("netns", "add", name)
+    try:
+        ip("-n", name, "link", "set", "lo", "up")
+        yield name
+    finally:
+        kill_namespace(name)
+
+
+@contextlib.contextmanager
+def viewer_internet(prefix: str, host: str | None = None) -> Iterator[str]:
+    """A namespace standing for the viewer's internet: :data:`VIEWER_IP`, routed to :data:`PUBLIC_IP`.
+
+    :data:`PUBLIC_IP` is put on the host end of a veth, in ``host`` (a namespace name) or, without one,
+    in the caller's own namespace; the link goes with the viewer's namespace.
+    """
+    here = ["-n", host] if host else []
+    host_end = f"pub{secrets.token_hex(3)}"
+    with new_namespace(prefix) as viewer:
+        ip(*here, "link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns", viewer)
+        ip(*here, "address", "add", f"{PUBLIC_IP}/24", "dev", host_end)
+        ip(*here, "link", "set", host_end, "up")
+        ip("-n", viewer, "address", "add", f"{VIEWER_IP}/24", "dev", "eth0")
+        ip("-n", viewer, "link", "set", "eth0", "up")
+        ip("-n", viewer, "route", "add", "default", "via", PUBLIC_IP)
+        yield viewer

@@ -9,10 +9,8 @@ The scenario is :mod:`tests.web.media_driver`, run once per mode.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -24,36 +22,12 @@ from typing import Any
 
 import pytest
 
-from tests.support.netns import ip, kill_namespace, namespace_pids
+from tests.support.netns import PUBLIC_IP, VIEWER_IP, namespace_pids, new_namespace, viewer_internet
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 DRIVER_TIMEOUT_S = 150
-PUBLIC_IP, VIEWER_IP = "198.18.0.1", "198.18.0.2"
-
-
-@contextlib.contextmanager
-def host_and_internet() -> Iterator[tuple[str, str]]:
-    """Two namespaces: the host (loopback, and the public address on a veth) and the viewer's internet."""
-    host, viewer = f"bvm-mh-{secrets.token_hex(3)}", f"bvm-mv-{secrets.token_hex(3)}"
-    ip("netns", "add", host)
-    try:
-        ip("netns", "add", viewer)
-        try:
-            ip("-n", host, "link", "set", "lo", "up")
-            ip("-n", viewer, "link", "set", "lo", "up")
-            ip("-n", host, "link", "add", "public0", "type", "veth", "peer", "name", "eth0", "netns", viewer)
-            ip("-n", host, "address", "add", f"{PUBLIC_IP}/24", "dev", "public0")
-            ip("-n", host, "link", "set", "public0", "up")
-            ip("-n", viewer, "address", "add", f"{VIEWER_IP}/24", "dev", "eth0")
-            ip("-n", viewer, "link", "set", "eth0", "up")
-            ip("-n", viewer, "route", "add", "default", "via", PUBLIC_IP)
-            yield host, viewer
-        finally:
-            kill_namespace(viewer)
-    finally:
-        kill_namespace(host)
 
 
 def run_driver(host: str, viewer: str, mapping: str, rounds: int = 6) -> dict[str, Any]:
@@ -91,7 +65,7 @@ def run_driver(host: str, viewer: str, mapping: str, rounds: int = 6) -> dict[st
 def runs() -> Iterator[dict[str, dict[str, Any]]]:
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("needs root and iproute2 to create network namespaces")
-    with host_and_internet() as (host, viewer):
+    with new_namespace("bvm-mh") as host, viewer_internet("bvm-mv", host) as viewer:
         yield {mapping: run_driver(host, viewer, mapping) for mapping in ("on", "off")}
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -23,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.netns import ip, kill_namespace, namespace_pids
+from tests.support.netns import ip, namespace_pids, new_namespace
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -36,15 +35,10 @@ EMAIL = "netns-e2e@example.test"
 def namespace() -> Iterator[str]:
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("needs root and iproute2 to create a network namespace")
-    name = f"bvm-e2e-{secrets.token_hex(4)}"
-    ip("netns", "add", name)
-    try:
-        ip("-n", name, "link", "set", "lo", "up")
+    with new_namespace("bvm-e2e") as name:
         # 127.0.0.2 is there as in every loopback test bed (aioice skips 127.0.0.1; research/streaming.md).
         ip("-n", name, "addr", "add", "127.0.0.2/8", "dev", "lo")
         yield name
-    finally:
-        kill_namespace(name)
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,8 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from browservm import protocol
 from browservm.aio import cancel_and_wait
-from browservm.controller.deps import authorize_socket, deny_socket, viewer_runtime
+from browservm.controller.deps import serve_viewer_socket
 from browservm.controller.relay import MAX_SDP, PeerRelay, new_peer_id
-from browservm.controller.viewers import TooManyViewers
 from browservm.sandbox.channel import AgentError, Channel, ChannelClosed
 
 log = structlog.get_logger(__name__)
@@ -52,20 +51,7 @@ _PAGE_MESSAGE: TypeAdapter[_PageOffer | _PageCandidate | _PageBye] = TypeAdapter
 
 @router.websocket("/{session_id}/signal")
 async def signal_socket(websocket: WebSocket, session_id: str) -> None:
-    authorized = await authorize_socket(websocket, session_id)
-    if authorized is None:
-        return
-    _claims, channel = authorized
-    try:
-        with viewer_runtime(websocket.app.state).viewers.socket("signal", session_id):
-            await _relay_socket(websocket, session_id, channel)
-    except TooManyViewers as exc:
-        await deny_socket(
-            websocket,
-            429,
-            "too_many_viewers",
-            f"this session already has {exc.limit} viewers connected; close one and retry",
-        )
+    await serve_viewer_socket(websocket, session_id, "signal", _relay_socket)
 
 
 async def _relay_socket(websocket: WebSocket, session_id: str, channel: Channel) -> None:

@@ -16,8 +16,7 @@ import structlog
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.websockets import WebSocketState
 
-from browservm.controller.deps import authorize_socket, deny_socket, viewer_runtime
-from browservm.controller.viewers import TooManyViewers
+from browservm.controller.deps import serve_viewer_socket
 from browservm.sandbox.channel import AgentError, ByteStream, Channel, ChannelClosed
 
 log = structlog.get_logger(__name__)
@@ -29,20 +28,7 @@ OPEN_TIMEOUT_S = 10.0
 
 @router.websocket("/{session_id}/vnc")
 async def vnc_socket(websocket: WebSocket, session_id: str) -> None:
-    authorized = await authorize_socket(websocket, session_id)
-    if authorized is None:
-        return
-    _claims, channel = authorized
-    try:
-        with viewer_runtime(websocket.app.state).viewers.socket("vnc", session_id):
-            await _bridge(websocket, session_id, channel)
-    except TooManyViewers as exc:
-        await deny_socket(
-            websocket,
-            429,
-            "too_many_viewers",
-            f"this session already has {exc.limit} VNC viewers connected; close one and retry",
-        )
+    await serve_viewer_socket(websocket, session_id, "vnc", _bridge)
 
 
 async def _bridge(websocket: WebSocket, session_id: str, channel: Channel) -> None:
