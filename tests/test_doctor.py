@@ -192,7 +192,7 @@ def test_missing_novnc_assets_point_to_the_set_up(tmp_path: Path) -> None:
 def test_firecracker_line_names_the_binary_its_version_and_the_kvm_it_would_run_on(tmp_path: Path) -> None:
     import sys
 
-    from browservm.sandbox.firecracker import host
+    from browservm.sandbox import vmhost
 
     standin = Path(__file__).parent / "sandbox" / "firecracker" / "standin.py"
     binary = tmp_path / "firecracker"
@@ -202,12 +202,12 @@ def test_firecracker_line_names_the_binary_its_version_and_the_kvm_it_would_run_
     chosen = _settings(tmp_path / "state", backend="firecracker", firecracker_bin=str(binary))
     check = doctor.check_firecracker(chosen)
     assert f"{binary}: Firecracker v1.16.1" in check.detail
-    assert f"KVM: {host.kvm_module() or 'no KVM module'}" in check.detail
+    assert f"KVM: {vmhost.kvm_module() or 'no KVM module'}" in check.detail
     assert (
         "/dev/vhost-vsock present" if Path("/dev/vhost-vsock").exists() else "no /dev/vhost-vsock"
     ) in check.detail
     assert check.required, "with BROWSERVM_BACKEND=firecracker the line decides the doctor's verdict"
-    if host.kvm_module() not in ("kvm_intel", "kvm_amd"):
+    if vmhost.kvm_module() not in ("kvm_intel", "kvm_amd"):
         assert not check.ok and "docs/firecracker.md" in check.fix
 
     missing = doctor.check_firecracker(_settings(tmp_path / "state", firecracker_bin=str(tmp_path / "none")))

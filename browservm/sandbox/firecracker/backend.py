@@ -34,6 +34,7 @@ import structlog
 
 from browservm import protocol
 from browservm.cleanup import Cleanup
+from browservm.sandbox import vmhost
 from browservm.sandbox.base import (
     BackendReadiness,
     Liveness,
@@ -124,12 +125,12 @@ class FirecrackerBackend(SandboxBackend):
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.firecracker = host.resolve(settings.firecracker_bin) or settings.firecracker_bin
+        self.firecracker = vmhost.resolve(settings.firecracker_bin) or settings.firecracker_bin
         self.jailer: Jailer | None = None
         if settings.firecracker_jailer_bin:
             assert settings.firecracker_jailer_uid is not None and settings.firecracker_jailer_gid is not None
             self.jailer = Jailer(
-                binary=host.resolve(settings.firecracker_jailer_bin) or settings.firecracker_jailer_bin,
+                binary=vmhost.resolve(settings.firecracker_jailer_bin) or settings.firecracker_jailer_bin,
                 uid=settings.firecracker_jailer_uid,
                 gid=settings.firecracker_jailer_gid,
                 chroot_base=settings.firecracker_chroot_base,

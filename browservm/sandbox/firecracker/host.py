@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from browservm.sandbox.vmhost import kvm_module, resolve, version_output
 from browservm.settings import Settings
 
 WRITTEN_FOR = (1, 16)
 """The driver is written to v1.16.1's API document; older releases lack endpoints and fields it sends."""
 _VERSION = re.compile(r"Firecracker v(\d+)\.(\d+)\.(\d+)")
-_PROBE_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,30 +38,10 @@ class FirecrackerHost:
         return not self.problems
 
 
-def resolve(binary: str) -> str | None:
-    """A path or a name on PATH, if it is an executable file."""
-    if os.sep in binary:
-        return binary if os.path.isfile(binary) and os.access(binary, os.X_OK) else None
-    return shutil.which(binary)
-
-
 def firecracker_version(binary: str) -> str | None:
     """``firecracker --version`` prints ``Firecracker v1.16.1`` (then a blank line)."""
-    try:
-        result = subprocess.run(
-            [binary, "--version"], capture_output=True, text=True, timeout=_PROBE_TIMEOUT_S, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    match = _VERSION.search(result.stdout + result.stderr)
+    match = _VERSION.search(version_output(binary))
     return match.group(0).removeprefix("Firecracker ") if match else None
-
-
-def kvm_module(modules: Path = Path("/sys/module")) -> str | None:
-    for name in ("kvm_intel", "kvm_amd", "kvm_pvm"):
-        if (modules / name).exists():
-            return name
-    return None
 
 
 def inspect(

@@ -40,6 +40,7 @@ from pydantic import ValidationError
 
 from browservm import protocol
 from browservm.cleanup import Cleanup
+from browservm.sandbox import vmhost
 from browservm.sandbox.base import (
     BackendReadiness,
     GuestImage,
@@ -135,7 +136,7 @@ class QemuBackend(SandboxBackend):
         self.state_dir = state_dir
         self._image = image
         self.qemu_setting = qemu
-        self.qemu = host.resolve(qemu) or qemu
+        self.qemu = vmhost.resolve(qemu) or qemu
         self.accel, self.accel_why = host.choose_accel(accel)
         self.accel_setting = accel
         self._seccomp: bool | None = None

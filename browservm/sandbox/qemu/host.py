@@ -10,18 +10,17 @@ backend uses TCG, QEMU's software emulation: slower by an order of magnitude, bu
 from __future__ import annotations
 
 import grp
-import os
 import re
-import shutil
 import stat
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from browservm.sandbox.vmhost import PROBE_TIMEOUT_S, kvm_module, resolve, version_output
+
 Accel = Literal["kvm", "tcg"]
 _VERSION = re.compile(r"QEMU emulator version (\d+\.\d+(?:\.\d+)?)")
-_PROBE_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,20 +42,8 @@ class QemuHost:
         return not self.problems
 
 
-def resolve(binary: str) -> str | None:
-    if os.sep in binary:
-        return binary if os.path.isfile(binary) and os.access(binary, os.X_OK) else None
-    return shutil.which(binary)
-
-
 def qemu_version(binary: str) -> str | None:
-    try:
-        result = subprocess.run(
-            [binary, "--version"], capture_output=True, text=True, timeout=_PROBE_TIMEOUT_S, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    match = _VERSION.search(result.stdout)
+    match = _VERSION.search(version_output(binary))
     return match.group(1) if match else None
 
 
@@ -67,19 +54,12 @@ def has_seccomp(binary: str) -> bool:
             [binary, "-sandbox", "on", "-M", "none", "-display", "none", "-S", "-version"],
             capture_output=True,
             text=True,
-            timeout=_PROBE_TIMEOUT_S,
+            timeout=PROBE_TIMEOUT_S,
             check=False,
         )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return result.returncode == 0
-
-
-def kvm_module(modules: Path = Path("/sys/module")) -> str | None:
-    for name in ("kvm_intel", "kvm_amd", "kvm_pvm"):
-        if (modules / name).exists():
-            return name
-    return None
 
 
 def choose_accel(

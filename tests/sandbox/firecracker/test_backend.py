@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from browservm import protocol
-from browservm.sandbox import make_backend
+from browservm.sandbox import make_backend, vmhost
 from browservm.sandbox.base import (
     Liveness,
     NetworkSpec,
@@ -256,7 +256,7 @@ async def test_this_host_is_refused_at_start_with_the_reason(settings: Settings,
         SettingsError, match="BROWSERVM_BACKEND=firecracker cannot run on this host"
     ) as refused:
         make_backend(chosen)
-    if host.kvm_module() == "kvm_pvm":
+    if vmhost.kvm_module() == "kvm_pvm":
         assert "PVM only (kvm_pvm)" in str(refused.value)
     missing = chosen.model_copy(update={"firecracker_bin": str(short_dir / "no-firecracker")})
     with pytest.raises(SettingsError, match="not found or not executable"):
