@@ -9,8 +9,10 @@ parameters replaced by ``[redacted]`` before it is written.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -34,6 +36,18 @@ def redact_text(text: str) -> str:
     text = _VIEWER_TOKEN.sub(REDACTED, text)
     text = _API_KEY.sub(REDACTED, text)
     return _BEARER.sub(rf"\1{REDACTED}", text)
+
+
+def file_tail(path: Path, size: int = 4096) -> str:
+    """The last ``size`` bytes of a log file (a VM's console, an agent's log) for a failure's detail,
+    redacted like every log line: that detail reaches the API's error bodies and the controller's log."""
+    try:
+        with path.open("rb") as file:
+            file.seek(0, os.SEEK_END)
+            file.seek(max(0, file.tell() - size))
+            return redact_text(file.read().decode(errors="replace"))
+    except FileNotFoundError:
+        return f"({path} does not exist)"
 
 
 def _redact_value(value: Any) -> Any:

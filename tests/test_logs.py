@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import logging
+from pathlib import Path
 
 import pytest
 import structlog
@@ -80,3 +81,12 @@ def test_structlog_values_and_nested_values_are_redacted(capsys: pytest.CaptureF
     assert TOKEN not in err and API_KEY not in err
     assert '"token": "[redacted]"' in err
     assert "/view/s?token=[redacted]" in err
+
+
+def test_a_log_files_tail_for_a_failure_is_its_end_redacted(tmp_path: Path) -> None:
+    console = tmp_path / "console.log"
+    console.write_text("boot noise\n" * 1000 + "agent: using key bvm_" + "k" * 24 + " then panic\n")
+    tail = logs.file_tail(console, 200)
+    assert tail.endswith("then panic\n") and len(tail) <= 200
+    assert "bvm_kkkk" not in tail and logs.REDACTED in tail
+    assert logs.file_tail(tmp_path / "gone.log") == f"({tmp_path / 'gone.log'} does not exist)"

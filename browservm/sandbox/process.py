@@ -47,6 +47,7 @@ import psutil
 import structlog
 
 from browservm import protocol
+from browservm.logs import file_tail
 from browservm.sandbox import bubblewrap, scope_of, seccomp
 from browservm.sandbox.base import (
     BackendReadiness,
@@ -73,22 +74,11 @@ MARKER_ENV = "BROWSERVM_SANDBOX_DIR"
 HIBERNATED_MARKER = "hibernated"
 STOP_GRACE_S = 5.0
 CONNECT_POLL_S = 0.02
-LOG_TAIL_BYTES = 4096
 UNIX_PATH_MAX = 107
 """Longest unix socket path the kernel takes (108 bytes with the NUL)."""
 UID_BASE = 2_000_000_000
 UID_COUNT = 100_000_000
 """Host uids for sandboxes: far above any user's, /etc/subuid ranges and container remaps."""
-
-
-def _tail(path: Path, size: int = LOG_TAIL_BYTES) -> str:
-    try:
-        with path.open("rb") as file:
-            file.seek(0, os.SEEK_END)
-            file.seek(max(0, file.tell() - size))
-            return file.read().decode(errors="replace")
-    except FileNotFoundError:
-        return f"({path} does not exist)"
 
 
 class ProcessRuntime(RuntimeRecord):
@@ -331,7 +321,9 @@ class ProcessBackend(SandboxBackend):
             start_time = psutil.Process(process.pid).create_time()
         except psutil.NoSuchProcess as exc:
             raise SandboxError(
-                sandbox_id, "the guest agent exited at once", detail=_tail(sandbox_dir / "run" / "agent.log")
+                sandbox_id,
+                "the guest agent exited at once",
+                detail=file_tail(sandbox_dir / "run" / "agent.log"),
             ) from exc
         log.info(
             "sandbox.started", sandbox_id=sandbox_id, pid=process.pid, uid=uid, cgroup=cgroup is not None
@@ -371,7 +363,7 @@ class ProcessBackend(SandboxBackend):
                 )
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise SandboxBootTimeout(handle.sandbox_id, timeout_s, _tail(agent_log))
+                raise SandboxBootTimeout(handle.sandbox_id, timeout_s, file_tail(agent_log))
             try:
                 reader, writer = await asyncio.open_unix_connection(str(runtime.socket))
                 break
@@ -385,15 +377,15 @@ class ProcessBackend(SandboxBackend):
             )
         except TimeoutError as exc:
             writer.close()
-            raise SandboxBootTimeout(handle.sandbox_id, timeout_s, _tail(agent_log)) from exc
+            raise SandboxBootTimeout(handle.sandbox_id, timeout_s, file_tail(agent_log)) from exc
         except (protocol.ProtocolError, ConnectionError, Exception) as exc:
             writer.close()
             raise SandboxError(
-                handle.sandbox_id, f"the guest agent's handshake failed: {exc}", detail=_tail(agent_log)
+                handle.sandbox_id, f"the guest agent's handshake failed: {exc}", detail=file_tail(agent_log)
             ) from exc
 
     def _failure_detail(self, sandbox_id: str, runtime: ProcessRuntime) -> str:
-        detail = _tail(runtime.dir / "run" / "agent.log")
+        detail = file_tail(runtime.dir / "run" / "agent.log")
         if self.cgroups is not None and runtime.cgroup:
             events = self.cgroups.of(sandbox_id).memory_events()
             if events:

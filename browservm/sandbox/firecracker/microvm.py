@@ -15,14 +15,13 @@ import contextlib
 import os
 import re
 import signal
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import structlog
 
+from browservm.logs import file_tail
 from browservm.sandbox.firecracker.client import FirecrackerClient, FirecrackerError
 from browservm.sandbox.firecracker.definitions import (
     BootSource,
@@ -38,6 +37,7 @@ from browservm.sandbox.firecracker.definitions import (
     VsockOverride,
 )
 from browservm.sandbox.firecracker.jailer import Jailer
+from browservm.sandbox.vmm import VmmProcess
 
 log = structlog.get_logger(__name__)
 
@@ -52,7 +52,6 @@ VMM_LOG = "vmm.log"
 JAILED_KERNEL, JAILED_INITRD, JAILED_ROOTFS = "vmlinux", "initrd", "rootfs.ext4"
 """Names of the image's files hard-linked into a jail."""
 
-LOG_TAIL_BYTES = 4096
 STOP_WAIT_S = 5.0
 UNIX_PATH_MAX = 107
 _INSTANCE_ID = re.compile(r"[A-Za-z0-9-]{1,64}")
@@ -64,16 +63,6 @@ def instance_id(sandbox_id: str) -> str:
     if not _INSTANCE_ID.fullmatch(vm_id):
         raise ValueError(f"sandbox id {sandbox_id!r} cannot be a Firecracker id (letters, digits, '-', '_')")
     return vm_id
-
-
-def tail(path: Path, size: int = LOG_TAIL_BYTES) -> str:
-    try:
-        with path.open("rb") as file:
-            file.seek(0, os.SEEK_END)
-            file.seek(max(0, file.tell() - size))
-            return file.read().decode(errors="replace")
-    except FileNotFoundError:
-        return f"({path} does not exist)"
 
 
 class VmError(FirecrackerError):
@@ -120,7 +109,7 @@ class VmLayout:
         return [path for path in sockets if len(str(path)) > UNIX_PATH_MAX]
 
     def logs_tail(self) -> str:
-        return f"--- console ---\n{tail(self.host(CONSOLE))}\n--- vmm ---\n{tail(self.vmm_log)}"
+        return f"--- console ---\n{file_tail(self.host(CONSOLE))}\n--- vmm ---\n{file_tail(self.vmm_log)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +124,7 @@ class VmConfig:
     serial: SerialDevice
 
 
-class MicroVM:
+class MicroVM(VmmProcess):
     def __init__(
         self,
         sandbox_id: str,
@@ -153,10 +142,7 @@ class MicroVM:
         self.firecracker = firecracker
         self.netns = netns
         self.jailer = jailer
-        self.pid = pid
-        self.start_time = start_time
-        self._process: subprocess.Popen[bytes] | None = None
-        """Set when this controller started the process: it reaps it."""
+        super().__init__(pid, start_time)
 
     # ------------------------------------------------------------------ process
 
@@ -166,17 +152,6 @@ class MicroVM:
             return self.jailer.argv(self.firecracker, self.vm_id, self.netns, firecracker_args)
         # `ip netns exec` execs firecracker in place: the pid stays the VMM's.
         return ["ip", "netns", "exec", self.netns, self.firecracker, *firecracker_args, "--id", self.vm_id]
-
-    def alive(self) -> bool:
-        if self._process is not None and self._process.poll() is not None:
-            return False
-        if self.pid is None or self.start_time is None:
-            return False
-        try:
-            process = psutil.Process(self.pid)
-            return process.create_time() == self.start_time and process.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
 
     def client(self) -> FirecrackerClient:
         return FirecrackerClient(self.layout.host(API_SOCKET))
@@ -188,25 +163,10 @@ class MicroVM:
             self.layout.host(API_SOCKET).unlink()
         self.layout.dir.mkdir(parents=True, exist_ok=True)
         argv = self.argv()
-        with self.layout.vmm_log.open("ab") as vmm_log:
-            try:
-                # Its own session: the VM outlives a controller that crashes or restarts.
-                self._process = await asyncio.to_thread(
-                    subprocess.Popen,
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=vmm_log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")},
-                )
-            except OSError as exc:
-                raise VmError(f"cannot start {argv[0]}: {exc}") from exc
-        self.pid = self._process.pid
         try:
-            self.start_time = psutil.Process(self.pid).create_time()
-        except psutil.NoSuchProcess:
-            self.start_time = None
+            await asyncio.to_thread(self._spawn, argv, self.layout.vmm_log)
+        except OSError as exc:
+            raise VmError(f"cannot start {argv[0]}: {exc}") from exc
         log.info(
             "firecracker.launched", sandbox_id=self.sandbox_id, pid=self.pid, jailed=self.jailer is not None
         )
@@ -229,20 +189,10 @@ class MicroVM:
         if self.alive() and self.pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
-        if self._process is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                await asyncio.to_thread(self._process.wait, STOP_WAIT_S)
-        else:
-            await asyncio.to_thread(self._wait_gone, STOP_WAIT_S)
+        await asyncio.to_thread(self._wait_gone, STOP_WAIT_S)
         if self.alive():
             raise VmError(f"firecracker pid {self.pid} did not exit after SIGKILL", self.layout.logs_tail())
         self.pid = self.start_time = None
-
-    def _wait_gone(self, timeout_s: float) -> None:
-        """Not psutil's wait: a process of another parent stays a zombie until that parent reaps it."""
-        deadline = time.monotonic() + timeout_s
-        while self.alive() and time.monotonic() < deadline:
-            time.sleep(0.01)
 
     # ------------------------------------------------------------------ the VM
 

@@ -16,13 +16,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from browservm.logs import file_tail
 from browservm.sandbox.image.errors import ImageBuildError
 
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 """The host's TLS roots, lent to download steps only: a TLS-inspecting proxy the host trusts must be
 trusted by pip and npm too. It is never copied into the image."""
 
-_TAIL_BYTES = 4000
 
 STEP_TMP = "/tmp"  # noqa: S108 - a step's own private tmpfs, never the host's /tmp
 """Where a step's borrowed files (pip's wheel, caches, the host's TLS roots) are bound inside the tree."""
@@ -33,15 +33,6 @@ class Bind:
     source: Path
     target: str
     writable: bool = False
-
-
-def tail(path: Path, limit: int = _TAIL_BYTES) -> str:
-    try:
-        with path.open("rb") as log:
-            log.seek(max(0, path.stat().st_size - limit))
-            return log.read().decode(errors="replace")
-    except FileNotFoundError:
-        return ""
 
 
 def run_logged(step: str, argv: Sequence[str], log: Path, *, env: Mapping[str, str] | None = None) -> None:
@@ -63,7 +54,9 @@ def run_logged(step: str, argv: Sequence[str], log: Path, *, env: Mapping[str, s
             raise ImageBuildError(step, f"{argv[0]} is not installed ({exc.strerror})") from None
     if result.returncode != 0:
         raise ImageBuildError(
-            step, f"{Path(argv[0]).name} exited with status {result.returncode} (full log: {log})", tail(log)
+            step,
+            f"{Path(argv[0]).name} exited with status {result.returncode} (full log: {log})",
+            file_tail(log),
         )
 
 

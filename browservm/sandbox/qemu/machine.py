@@ -31,10 +31,12 @@ from typing import Any
 import psutil
 import structlog
 
+from browservm.logs import file_tail
 from browservm.sandbox.qemu import launcher
 from browservm.sandbox.qemu.host import Accel
 from browservm.sandbox.qemu.qmp import Qmp, QmpError
 from browservm.sandbox.vm_network import VmNetwork
+from browservm.sandbox.vmm import VmmProcess
 
 log = structlog.get_logger(__name__)
 
@@ -46,7 +48,6 @@ sets a restored VM's clock, random generator, address and id. Only root in the g
 GUEST_ANSWER_S = 2.0
 """How long one try waits for the helper's answer before the line is opened again (a line opened
 across a restore may be lost: QEMU hangs up on the first client after loading a snapshot)."""
-LOG_TAIL_BYTES = 4096
 CONSOLE_HEAD_BYTES = 256 * 1024
 """Where the console's boot messages end, with room to spare (a quiet boot writes ~10 KiB)."""
 STOP_WAIT_S = 5.0
@@ -64,16 +65,6 @@ class VmError(Exception):
     def __init__(self, message: str, detail: str = "") -> None:
         super().__init__(message)
         self.detail = detail
-
-
-def tail(path: Path, size: int = LOG_TAIL_BYTES) -> str:
-    try:
-        with path.open("rb") as file:
-            file.seek(0, os.SEEK_END)
-            file.seek(max(0, file.tell() - size))
-            return file.read().decode(errors="replace")
-    except FileNotFoundError:
-        return ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,8 +115,8 @@ class VmFiles:
 
     def logs_tail(self) -> str:
         """The console's tail, and QEMU's own messages if it said any (a bad option, a failed open)."""
-        console = tail(self.console)
-        qemu = tail(self.qemu_log, 1024).strip()
+        console = file_tail(self.console)
+        qemu = file_tail(self.qemu_log, 1024).strip()
         parts = [console.rstrip()] if console.strip() else ["(the guest's console is empty)"]
         if qemu:
             parts.append(f"qemu: {qemu}")
@@ -218,7 +209,7 @@ def qemu_argv(qemu: str, config: VmConfig, *, incoming: bool = False) -> list[st
     return argv
 
 
-class QemuVM:
+class QemuVM(VmmProcess):
     def __init__(
         self,
         sandbox_id: str,
@@ -231,20 +222,7 @@ class QemuVM:
         self.sandbox_id = sandbox_id
         self.files = files
         self.qemu = qemu
-        self.pid = pid
-        self.start_time = start_time
-        self._process: subprocess.Popen[bytes] | None = None
-
-    def alive(self) -> bool:
-        if self._process is not None and self._process.poll() is not None:
-            return False
-        if self.pid is None or self.start_time is None:
-            return False
-        try:
-            process = psutil.Process(self.pid)
-            return process.create_time() == self.start_time and process.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
+        super().__init__(pid, start_time)
 
     def _launch_spec(self, config: VmConfig, incoming: Path | None) -> dict[str, Any]:
         files = {str(ROOTFS_FD): str(config.image.rootfs), str(KERNEL_FD): str(config.image.kernel)}
@@ -279,32 +257,16 @@ class QemuVM:
         for stale in (self.files.qmp, self.files.channel, self.files.host, self.files.pidfile):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
-        with self.files.qemu_log.open("ab") as output:
-            try:
-                self._process = subprocess.Popen(  # noqa: ASYNC220 - returns at once; kept for reaping
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=output,
-                    stderr=subprocess.STDOUT,
-                    cwd=self.files.dir,
-                    start_new_session=True,  # outlives a controller restart; adopted by pid and start time
-                    env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LANG": "C.UTF-8"},
-                )
-            except OSError as exc:
-                raise VmError(f"cannot start QEMU: {exc}") from exc
-        self.pid = self._process.pid
+        try:
+            process = self._spawn(argv, self.files.qemu_log, cwd=self.files.dir, LANG="C.UTF-8")
+        except OSError as exc:
+            raise VmError(f"cannot start QEMU: {exc}") from exc
         # Written here, not by QEMU's -pidfile: that resolves its path, whose parents QEMU's user cannot enter.
         self.files.pidfile.write_text(f"{self.pid}\n")
-        try:
-            self.start_time = psutil.Process(self.pid).create_time()
-        except psutil.NoSuchProcess:
-            self.start_time = None
         deadline = time.monotonic() + ready_s
         while True:
-            if self._process.poll() is not None:
-                raise VmError(
-                    f"QEMU exited at start (status {self._process.returncode})", self.files.logs_tail()
-                )
+            if process.poll() is not None:
+                raise VmError(f"QEMU exited at start (status {process.returncode})", self.files.logs_tail())
             if self.files.qmp.exists():
                 try:
                     await asyncio.to_thread(self._qmp_ping)
@@ -439,15 +401,6 @@ class QemuVM:
         if self._process is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._process.wait(STOP_WAIT_S)
-
-    def _wait_gone(self, timeout_s: float) -> None:
-        if self._process is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._process.wait(timeout_s)
-            return
-        deadline = time.monotonic() + timeout_s
-        while self.alive() and time.monotonic() < deadline:
-            time.sleep(0.02)
 
 
 def processes_in(directory: Path) -> list[psutil.Process]:
