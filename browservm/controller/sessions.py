@@ -322,18 +322,23 @@ class SessionService:
             event = await event_store.latest(db, session.id, "session.egress")
         return None if event is None else dict(event.data or {})
 
+    async def _egress_again(self, session: Session, egress: EgressService) -> SessionEgress | None:
+        """An adopted session's egress as it was decided at its start, kept for the session's life."""
+        again = await egress.for_adopted(
+            tenant=session.tenant,
+            user_id=session.user_id,
+            provider=session.provider,
+            recorded=await self._recorded_egress(session),
+        )
+        self._egress[session.id] = again
+        return again
+
     async def _configure(self, session: Session, channel: Channel) -> None:
         remaining = (session.expires_at - datetime.now(UTC)).total_seconds()
         egress = self._egress.get(session.id)
         if egress is None and self.egress is not None and self.egress.enabled:
             # Adopted after a restart: how it left before (the network's grants were rebuilt empty).
-            egress = await self.egress.for_adopted(
-                tenant=session.tenant,
-                user_id=session.user_id,
-                provider=session.provider,
-                recorded=await self._recorded_egress(session),
-            )
-            self._egress[session.id] = egress
+            egress = await self._egress_again(session, self.egress)
         if egress is not None:
             # The grant comes first: the page opens through the proxy as soon as the agent has it.
             await self.sandboxes.set_egress(channel.sandbox_id, egress.guest())
@@ -419,13 +424,7 @@ class SessionService:
             raise SessionEnded from exc
         log.info("session.adopted", sandbox_id=record.id, status=session.status)
         if self.egress is not None and self.egress.enabled:
-            egress = await self.egress.for_adopted(
-                tenant=session.tenant,
-                user_id=session.user_id,
-                provider=session.provider,
-                recorded=await self._recorded_egress(session),
-            )
-            self._egress[session.id] = egress
+            egress = await self._egress_again(session, self.egress)
             if egress is not None:
                 await self.sandboxes.set_egress(record.id, egress.guest())
         if session.status == SessionStatus.STARTING:
