@@ -9,56 +9,27 @@ The scenario is :mod:`tests.web.media_driver`, run once per mode.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.support.driver import run_driver, step
 from tests.support.netns import PUBLIC_IP, VIEWER_IP, namespace_pids, new_namespace, viewer_internet
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
-DRIVER_TIMEOUT_S = 150
 
-
-def run_driver(host: str, viewer: str, mapping: str, rounds: int = 6) -> dict[str, Any]:
-    """Run the scenario in ``host``; its JSON results, with its exit status and the tail of its log."""
-    state_dir = Path(tempfile.mkdtemp(prefix="bvm-"))  # short: unix socket paths live under it
-    out = state_dir.with_name(state_dir.name + "-results.json")
-    log = state_dir.with_name(state_dir.name + "-driver.log")
-    try:
-        with log.open("wb") as log_file:
-            driver = subprocess.Popen(
-                [
-                    "ip", "netns", "exec", host, sys.executable, "-m", "tests.web.media_driver",
-                    "--state-dir", str(state_dir), "--out", str(out), "--viewer-netns", viewer,
-                    "--public-ip", PUBLIC_IP, "--mapping", mapping, "--rounds", str(rounds),
-                ],
-                cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-            try:
-                driver.wait(DRIVER_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(driver.pid, signal.SIGKILL)
-                driver.wait()
-        data: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {"steps_done": []}
-        data["driver_exit"] = driver.returncode
-        data["driver_log"] = log.read_text(errors="replace")[-6000:]
-        data["left_in_host"] = namespace_pids(host)
-        return data
-    finally:
-        shutil.rmtree(state_dir, ignore_errors=True)
-        out.unlink(missing_ok=True)
-        log.unlink(missing_ok=True)
+def run_in(host: str, viewer: str, mapping: str, rounds: int = 6) -> dict[str, Any]:
+    """The scenario in ``host``, with the media mapping ``on`` or ``off``."""
+    data = run_driver(
+        host, "tests.web.media_driver", "--viewer-netns", viewer, "--public-ip", PUBLIC_IP,
+        "--mapping", mapping, "--rounds", str(rounds),
+    )  # fmt: skip
+    data["left_in_host"] = namespace_pids(host)
+    return data
 
 
 @pytest.fixture(scope="module")
@@ -66,19 +37,7 @@ def runs() -> Iterator[dict[str, dict[str, Any]]]:
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("needs root and iproute2 to create network namespaces")
     with new_namespace("bvm-mh") as host, viewer_internet("bvm-mv", host) as viewer:
-        yield {mapping: run_driver(host, viewer, mapping) for mapping in ("on", "off")}
-
-
-def step(run: dict[str, Any], name: str) -> dict[str, Any]:
-    if name not in run:
-        error = run.get("error") or {}
-        detail = json.dumps({k: v for k, v in error.items() if k != "traceback"}, indent=1)[-5000:]
-        pytest.fail(
-            f"the driver did not complete step {name!r} (done: {run['steps_done']}, exit "
-            f"{run['driver_exit']}):\n{error.get('traceback', '')}\n{detail}\n{run['driver_log']}"
-        )
-    value: dict[str, Any] = run[name]
-    return value
+        yield {mapping: run_in(host, viewer, mapping) for mapping in ("on", "off")}
 
 
 def test_with_the_mapping_the_video_comes_over_the_public_port_not_a_relay(

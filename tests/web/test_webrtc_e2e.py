@@ -9,25 +9,18 @@ The namespace and every process in it are removed afterwards, whatever happened.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.support.driver import run_driver, step
 from tests.support.netns import ip, namespace_pids, new_namespace
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
-DRIVER_TIMEOUT_S = 150
 EMAIL = "netns-e2e@example.test"
 
 
@@ -42,51 +35,8 @@ def namespace() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def results(namespace: str) -> Iterator[dict[str, Any]]:
-    # Short: unix socket paths under it are limited to 107 bytes.
-    state_dir = Path(tempfile.mkdtemp(prefix="bvm-"))
-    out = state_dir.with_name(state_dir.name + "-results.json")
-    log = state_dir.with_name(state_dir.name + "-driver.log")
-    try:
-        with log.open("wb") as log_file:
-            driver = subprocess.Popen(
-                [
-                    "ip", "netns", "exec", namespace,
-                    sys.executable, "-m", "tests.web.netns_driver",
-                    "--state-dir", str(state_dir),
-                    "--out", str(out),
-                ],
-                cwd=ROOT,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
-            try:
-                driver.wait(DRIVER_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(driver.pid, signal.SIGKILL)
-                driver.wait()
-        data: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {"steps_done": []}
-        data["driver_exit"] = driver.returncode
-        data["driver_log"] = log.read_text(errors="replace")[-6000:]
-        yield data
-    finally:
-        shutil.rmtree(state_dir, ignore_errors=True)
-        out.unlink(missing_ok=True)
-        log.unlink(missing_ok=True)
-
-
-def step(results: dict[str, Any], name: str) -> dict[str, Any]:
-    """The step's results, or a failure that says why the driver never got there."""
-    if name not in results:
-        error = results.get("error") or {}
-        detail = json.dumps({k: v for k, v in error.items() if k != "traceback"}, indent=1)[-5000:]
-        pytest.fail(
-            f"the driver did not complete step {name!r} (done: {results['steps_done']}, exit "
-            f"{results['driver_exit']}):\n{error.get('traceback', '')}\n{detail}\n{results['driver_log']}"
-        )
-    value: dict[str, Any] = results[name]
-    return value
+def results(namespace: str) -> dict[str, Any]:
+    return run_driver(namespace, "tests.web.netns_driver")
 
 
 def test_viewer_gets_webrtc_video_of_the_isolated_guest_through_turn(results: dict[str, Any]) -> None:
