@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
+import itertools
 import socket
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from browservm_client import (
     APIConnectionError,
+    APIError,
     APITimeoutError,
     AsyncClient,
     Client,
@@ -20,7 +23,6 @@ from browservm_client import (
     ServerError,
     TooManyRequests,
 )
-from browservm_client._transport import MAX_RETRY_AFTER_S, error_of, retry_wait
 from tests.controller.conftest import Controller, controller_settings, free_port, run_controller
 
 
@@ -103,22 +105,107 @@ async def test_a_full_host_is_retried_after_its_retry_after(tmp_path: Path, data
             await client.close()
 
 
-def test_the_retry_policy() -> None:
-    def answer(status: int, **headers: str) -> httpx.Response:
-        return httpx.Response(status, headers=headers)
-
-    assert retry_wait(answer(503, **{"Retry-After": "2"}), 0) == 2
-    assert 0.25 <= (retry_wait(answer(503), 0) or 0) <= 0.5
-    assert 1.0 <= (retry_wait(answer(429), 2) or 0) <= 2.0
-    assert retry_wait(answer(429, **{"Retry-After": str(int(MAX_RETRY_AFTER_S) + 1)}), 0) is None
-    date = httpx.Response(503, headers={"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"})
-    assert retry_wait(date, 0) == 0  # a date in the past: now
-    for status in (400, 404, 409, 422, 500, 502):
-        assert retry_wait(answer(status), 0) is None
+Answer = tuple[int, dict[str, str], bytes]
+OK: Answer = (200, {"Content-Type": "application/json"}, b'{"status": "ok"}')
+BUSY = b'{"error": {"code": "capacity_exhausted", "message": "full"}}'
 
 
-def test_an_answer_that_is_not_the_apis_still_becomes_an_error() -> None:
-    error = error_of(httpx.Response(502), b"<html>Bad Gateway</html>")
-    assert isinstance(error, ServerError) and error.code == "http_error" and "Bad Gateway" in error.message
-    api = error_of(httpx.Response(409), b'{"error": {"code": "cli_vm_exists", "message": "has one"}}')
-    assert (api.status, api.code, api.message) == (409, "cli_vm_exists", "has one")
+class ScriptedServer:
+    """A loopback HTTP server that gives its scripted answers in turn and notes when each request came."""
+
+    def __init__(self, answers: list[Answer]) -> None:
+        self.answers = list(answers)
+        self.times: list[float] = []
+        script = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                script.times.append(time.monotonic())
+                status, headers, body = script.answers.pop(0)
+                self.send_response(status)
+                for name, value in {"Content-Length": str(len(body)), **headers}.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def gaps(self) -> list[float]:
+        return [later - earlier for earlier, later in itertools.pairwise(self.times)]
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
+@pytest.fixture
+def scripted() -> Iterator[Callable[..., ScriptedServer]]:
+    servers: list[ScriptedServer] = []
+
+    def start(*answers: Answer) -> ScriptedServer:
+        servers.append(ScriptedServer(list(answers)))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def test_a_busy_answer_is_sent_again_after_its_retry_after(scripted: Callable[..., ScriptedServer]) -> None:
+    server = scripted((503, {"Retry-After": "1"}, BUSY), OK)
+    with Client("k", base_url=server.url, max_retries=2) as client:
+        assert client.health()
+    assert len(server.times) == 2 and 0.95 <= server.gaps()[0] < 5
+
+
+def test_without_retry_after_the_client_backs_off_a_little_more_each_time(
+    scripted: Callable[..., ScriptedServer],
+) -> None:
+    server = scripted((503, {}, BUSY), (429, {}, BUSY), OK)
+    with Client("k", base_url=server.url, max_retries=2) as client:
+        assert client.health()
+    first, second = server.gaps()
+    assert 0.24 <= first < 3 and 0.49 <= second < 5  # jittered: 0.25-0.5 s, then 0.5-1 s
+
+
+def test_a_retry_after_past_the_clients_limit_is_raised_at_once(
+    scripted: Callable[..., ScriptedServer],
+) -> None:
+    server = scripted((429, {"Retry-After": "61"}, BUSY))
+    with Client("k", base_url=server.url, max_retries=3) as client, pytest.raises(TooManyRequests) as busy:
+        client.health()
+    assert busy.value.retry_after == 61 and busy.value.code == "capacity_exhausted"
+    assert len(server.times) == 1, "a wait of over a minute is the caller's to decide"
+
+
+def test_a_retry_after_date_in_the_past_means_now(scripted: Callable[..., ScriptedServer]) -> None:
+    server = scripted((503, {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}, BUSY), OK)
+    with Client("k", base_url=server.url, max_retries=1) as client:
+        assert client.health()
+    assert server.gaps()[0] < 0.24  # below the shortest backoff
+
+
+@pytest.mark.parametrize("status", [400, 404, 409, 422, 500, 502])
+def test_other_errors_are_not_sent_again(scripted: Callable[..., ScriptedServer], status: int) -> None:
+    body = b'{"error": {"code": "some_code", "message": "some reason"}}'
+    server = scripted((status, {"Content-Type": "application/json"}, body))
+    with Client("k", base_url=server.url, max_retries=3) as client, pytest.raises(APIError) as error:
+        client.health()
+    assert (error.value.status, error.value.code, error.value.message) == (status, "some_code", "some reason")
+    assert len(server.times) == 1
+
+
+def test_an_answer_that_is_not_the_apis_still_becomes_an_error(
+    scripted: Callable[..., ScriptedServer],
+) -> None:
+    server = scripted((502, {"Content-Type": "text/html"}, b"<html>Bad Gateway</html>"))
+    with Client("k", base_url=server.url, max_retries=0) as client, pytest.raises(ServerError) as error:
+        client.health()
+    assert error.value.code == "http_error" and "Bad Gateway" in error.value.message
