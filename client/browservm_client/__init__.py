@@ -12,6 +12,7 @@ Every call: docs/client.md in the browservm repository.
 
 __version__ = "0.1.0"
 
+from browservm_client._operations import operations_of
 from browservm_client.cli_vms import ExecResult
 from browservm_client.client import AsyncClient, Client
 from browservm_client.errors import (
@@ -76,4 +77,5 @@ __all__ = [
     "TooManyRequests",
     "WaitTimeout",
     "__version__",
+    "operations_of",
 ]

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import inspect
 
-from browservm_client import AsyncClient, Client
-from browservm_client._operations import operations_of
+from browservm_client import AsyncClient, Client, operations_of
 from tests.controller.conftest import Controller
 
 VIEWER_ONLY = {
