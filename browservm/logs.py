@@ -38,16 +38,17 @@ def redact_text(text: str) -> str:
     return _BEARER.sub(rf"\1{REDACTED}", text)
 
 
-def file_tail(path: Path, size: int = 4096) -> str:
+def file_tail(path: Path, size: int = 4096, *, missing: str | None = None) -> str:
     """The last ``size`` bytes of a log file (a VM's console, an agent's log) for a failure's detail,
-    redacted like every log line: that detail reaches the API's error bodies and the controller's log."""
+    redacted like every log line: that detail reaches the API's error bodies and the controller's log.
+    A file that does not exist gives ``missing``, by default a sentence that says so."""
     try:
         with path.open("rb") as file:
             file.seek(0, os.SEEK_END)
             file.seek(max(0, file.tell() - size))
             return redact_text(file.read().decode(errors="replace"))
     except FileNotFoundError:
-        return f"({path} does not exist)"
+        return f"({path} does not exist)" if missing is None else missing
 
 
 def _redact_value(value: Any) -> Any:

@@ -90,3 +90,4 @@ def test_a_log_files_tail_for_a_failure_is_its_end_redacted(tmp_path: Path) -> N
     assert tail.endswith("then panic\n") and len(tail) <= 200
     assert "bvm_kkkk" not in tail and logs.REDACTED in tail
     assert logs.file_tail(tmp_path / "gone.log") == f"({tmp_path / 'gone.log'} does not exist)"
+    assert logs.file_tail(tmp_path / "gone.log", missing="") == ""

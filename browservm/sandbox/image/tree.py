@@ -23,7 +23,6 @@ HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 """The host's TLS roots, lent to download steps only: a TLS-inspecting proxy the host trusts must be
 trusted by pip and npm too. It is never copied into the image."""
 
-
 STEP_TMP = "/tmp"  # noqa: S108 - a step's own private tmpfs, never the host's /tmp
 """Where a step's borrowed files (pip's wheel, caches, the host's TLS roots) are bound inside the tree."""
 
@@ -56,7 +55,7 @@ def run_logged(step: str, argv: Sequence[str], log: Path, *, env: Mapping[str, s
         raise ImageBuildError(
             step,
             f"{Path(argv[0]).name} exited with status {result.returncode} (full log: {log})",
-            file_tail(log),
+            file_tail(log, 4000, missing=""),
         )
 
 

@@ -115,8 +115,8 @@ class VmFiles:
 
     def logs_tail(self) -> str:
         """The console's tail, and QEMU's own messages if it said any (a bad option, a failed open)."""
-        console = file_tail(self.console)
-        qemu = file_tail(self.qemu_log, 1024).strip()
+        console = file_tail(self.console, missing="")
+        qemu = file_tail(self.qemu_log, 1024, missing="").strip()
         parts = [console.rstrip()] if console.strip() else ["(the guest's console is empty)"]
         if qemu:
             parts.append(f"qemu: {qemu}")
